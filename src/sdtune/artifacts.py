@@ -1,0 +1,313 @@
+"""Every file sdtune writes or reads: atomic safetensors with a run card, safe pickle loading, hashes,
+and the summary `sdtune inspect FILE` prints."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import pickle
+import re
+import shutil
+import tempfile
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors import torch as st
+
+from . import __version__
+from .errors import SdtuneError
+from .formats import sniff_format
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+SAFETENSORS_SUFFIX = ".safetensors"
+# errno -> what to tell the user about a failed write.
+_WRITE_ERRORS: dict[int, str] = {
+    errno.ENOSPC: "the disk is full; free some space and run again",
+    errno.EDQUOT: "the disk quota is exhausted; free some space and run again",
+    errno.ENOTDIR: "a part of the folder path is a file, not a folder; choose another output path",
+    errno.EEXIST: "a part of the folder path is a file, not a folder; choose another output path",
+    errno.EACCES: "permission denied; choose a folder you can write to",
+    errno.EPERM: "permission denied; choose a folder you can write to",
+    errno.EROFS: "the file system is read-only; choose another output path",
+    errno.EISDIR: "a folder is already there; choose a file name",
+}
+_RUST_OS_ERROR = re.compile(r"os error (\d+)")
+
+
+def _write_error(path: Path, exc: BaseException) -> SdtuneError:
+    """A one-sentence error for a failed write of `path`."""
+    code = getattr(exc, "errno", None)
+    if code is None:
+        match = _RUST_OS_ERROR.search(str(exc))
+        code = int(match.group(1)) if match else None
+    reason = _WRITE_ERRORS.get(code, f"{exc}") if code is not None else f"{exc}"
+    return SdtuneError(f"Could not write {path}: {reason}.")
+
+
+def run_card(**fields: Any) -> dict[str, str]:
+    """Metadata for an artifact header: strings kept, everything else JSON-encoded; adds the sdtune version."""
+    fields.setdefault("sdtune_version", __version__)
+    return {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str) for k, v in fields.items()}
+
+
+def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    meta = dict(metadata or {})
+    bad = [k for k, v in meta.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"safetensors metadata must map str to str (bad key {bad[0]!r}); build it with run_card().")
+    return meta
+
+
+def _prepare(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU-agnostic tensors; copies where several share one storage (safetensors refuses that)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[str, int]] = set()
+    for key, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"artifact entry {key!r} is a {type(value).__name__}, not a tensor.")
+        t = value.detach().contiguous()
+        ptr = (t.device.type, t.untyped_storage().data_ptr()) if t.numel() else None
+        if ptr is not None and ptr in seen:
+            t = t.clone()
+        elif ptr is not None:
+            seen.add(ptr)
+        out[key] = t
+    return out
+
+
+def _fsync(path: Path, directory: bool = False) -> None:
+    """Flush a file (or, best effort, a folder entry) to disk."""
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        if directory:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
+
+
+def save_artifact(
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write tensors + metadata as .safetensors atomically: a temp file beside `path`, fsync, rename.
+    On any failure nothing appears at `path` and a file already there stays intact."""
+    path = Path(path)
+    if path.suffix != SAFETENSORS_SUFFIX:
+        raise SdtuneError(f"Artifact path {path} must end in {SAFETENSORS_SUFFIX}; rename the output.")
+    meta, prepared = _check_metadata(metadata), _prepare(tensors)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
+    tmp = Path(tmp_name)
+    try:
+        st.save_file(prepared, tmp, metadata=meta)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, (OSError, SafetensorError)):
+            raise _write_error(path, exc) from exc
+        raise
+    _fsync(path.parent, directory=True)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp sibling folder to fill; on success it replaces `path`, on failure it is removed and
+    `path` (absent, or the previous folder) is left as it was."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SdtuneError(f"Could not write {path}: a file is already there; choose a folder name.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
+    try:
+        yield tmp
+        old = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old") if path.exists() else None
+        if old is not None:
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.replace(old, path)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        _fsync(path.parent, directory=True)
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_via(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Run `write(tmp)` on a temp sibling that keeps the suffix (image writers pick the format from it),
+    then rename it into place; on failure nothing appears at `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _check_readable(path: Path) -> None:
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise SdtuneError(f"Artifact {path} {what}; check the path.")
+
+
+def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise SdtuneError(f"{path} is not a readable safetensors file (truncated or corrupt: {exc}).") from exc
+    return tensors, metadata
+
+
+def _load_pickle(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise SdtuneError(
+            f"{path} may contain code (it needs more than tensors and plain data) and was not loaded; "
+            "convert it to .safetensors with a tool you trust."
+        ) from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise SdtuneError(f"{path} is not a readable torch file (truncated or corrupt: {exc}).") from exc
+
+
+def load_artifact(path: str | os.PathLike) -> tuple[Any, dict[str, str]]:
+    """(tensors, metadata) of a .safetensors file; (raw object, {}) of a .pt/.ckpt/.bin pickle, loaded
+    with `torch.load(weights_only=True)` only, so a pickle that carries code is refused."""
+    path = Path(path)
+    _check_readable(path)
+    suffix = path.suffix.lower()
+    if suffix == SAFETENSORS_SUFFIX:
+        return _load_safetensors(path)
+    if suffix in PICKLE_SUFFIXES:
+        return _load_pickle(path), {}
+    raise SdtuneError(f"{path} has an unknown extension {suffix!r}; use .safetensors, {', '.join(PICKLE_SUFFIXES)}.")
+
+
+def flatten_tensors(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Tensors of a nested dict/list (e.g. a loaded pickle) under dotted keys; other leaves are skipped."""
+    if isinstance(obj, torch.Tensor):
+        return {prefix.rstrip("."): obj}
+    items = obj.items() if isinstance(obj, Mapping) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    out: dict[str, torch.Tensor] = {}
+    for key, value in items:
+        out.update(flatten_tensors(value, f"{prefix}{key}."))
+    return out
+
+
+def file_hash(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
+    """Full sha256 hex digest of a file, read in chunks."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(chunk_bytes):
+                digest.update(chunk)
+    except OSError as exc:
+        raise SdtuneError(f"Could not read {path} to hash it: {exc.strerror or exc}.") from exc
+    return digest.hexdigest()
+
+
+def model_hash(state: Mapping[str, torch.Tensor] | torch.nn.Module, length: int = 10) -> str:
+    """Short sha256 over sorted names, dtypes, shapes and bytes of a state dict (or a module's)."""
+    if isinstance(state, torch.nn.Module):
+        state = state.state_dict()
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        if t.numel():
+            digest.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:length]
+
+
+# safetensors header dtype codes -> torch dtypes (for sizes and uniform names).
+_ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+
+
+def _summary(path: Path) -> tuple[list[tuple[str, torch.dtype, tuple[int, ...]]], dict[str, str]]:
+    """(name, dtype, shape) per tensor and metadata; a safetensors file's data is not read."""
+    if path.suffix.lower() != SAFETENSORS_SUFFIX:
+        obj, metadata = load_artifact(path)
+        return [(k, t.dtype, tuple(t.shape)) for k, t in flatten_tensors(obj).items()], metadata
+    _check_readable(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            slices = {k: f.get_slice(k) for k in f.keys()}
+            rows = [(k, _ST_DTYPES.get(s.get_dtype(), torch.uint8), tuple(s.get_shape())) for k, s in slices.items()]
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise SdtuneError(f"{path} is not a readable safetensors file (truncated or corrupt: {exc}).") from exc
+    return rows, metadata
+
+
+def _pretty(value: str, limit: int = 600) -> str:
+    try:
+        decoded = json.loads(value)
+    except (json.JSONDecodeError, ValueError):
+        decoded = value
+    text = json.dumps(decoded, indent=2, sort_keys=True) if isinstance(decoded, (dict, list)) else str(decoded)
+    text = text.replace("\n", "\n    ")
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
+def describe_artifact(path: str | os.PathLike) -> str:
+    """What `sdtune inspect FILE` prints: layout, tensor count, parameters, bytes, dtypes and the run card."""
+    path = Path(path)
+    rows, metadata = _summary(path)
+    numels = [torch.Size(shape).numel() for _, _, shape in rows]
+    dtypes = Counter(str(dtype).removeprefix("torch.") for _, dtype, _ in rows)
+    lines = [
+        f"file:       {path}",
+        f"format:     {sniff_format([name for name, _, _ in rows], metadata)}",
+        f"tensors:    {len(rows)}",
+        f"parameters: {sum(numels):,}",
+        f"bytes:      {sum(n * d.itemsize for (_, d, _), n in zip(rows, numels)):,}",
+        f"dtypes:     {', '.join(f'{d} x{n}' for d, n in dtypes.most_common()) or '-'}",
+    ]
+    if metadata:
+        lines.append("metadata:")
+        lines += [f"  {key}: {_pretty(value)}" for key, value in sorted(metadata.items())]
+    return "\n".join(lines)

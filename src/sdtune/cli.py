@@ -1,0 +1,192 @@
+"""Command line: argv -> config objects -> library calls. No logic of its own; heavy imports stay lazy."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+from pathlib import Path
+
+from .config import DataConfig, TrainConfig, build, load_config_file
+from .errors import SdtuneError
+
+METHOD_NAMES = ("lora", "textual-inversion", "dreambooth", "hypernetwork")
+WINDOWS_ILLEGAL = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args) or 0
+    except SdtuneError as exc:
+        print(f"sdtune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sdtune: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdtune", description="Personalise Stable Diffusion models: "
+                                     "DreamBooth, Textual Inversion, LoRA and Hypernetworks.")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train a method on a subject")
+    train_methods = train.add_subparsers(title="methods", metavar="METHOD")
+    for method in METHOD_NAMES:
+        p = train_methods.add_parser(method, help=f"train {method}")
+        _add_model_args(p)
+        p.add_argument("--output", required=True, help="folder for the artifact, checkpoints and logs")
+        p.add_argument("--name", help="artifact name (default: the token, made file-name safe)")
+        p.add_argument("--config", help="YAML or TOML file with data/train/<method> sections; flags override it")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        _add_dataclass_args(p, DataConfig)
+        _add_dataclass_args(p, TrainConfig)
+        cfg_cls = _method_config_class(method)
+        if cfg_cls is not None:
+            _add_dataclass_args(p, cfg_cls)
+        p.set_defaults(handler=cmd_train, method=method)
+
+    gen = sub.add_parser("generate", help="generate images, with artifacts named in the prompt")
+    _add_model_args(gen)
+    gen.add_argument("--prompt", required=True, help="prompt; <lora:NAME:W> and <hypernet:NAME:W> apply artifacts")
+    gen.add_argument("--negative-prompt", default="")
+    gen.add_argument("--artifacts", action="append", default=[], metavar="DIR",
+                     help="folder to find artifacts in (repeatable; default: the current folder)")
+    gen.add_argument("--steps", type=int, default=50)
+    gen.add_argument("--guidance", type=float, default=7.5)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("-n", "--count", type=int, default=1)
+    gen.add_argument("--scheduler", default="", help="scheduler name (default: the model's own)")
+    gen.add_argument("--width", type=int, default=0)
+    gen.add_argument("--height", type=int, default=0)
+    gen.add_argument("--output", required=True, help="image path (PNG/JPEG); with -n K also PATH-0 ... PATH-K-1")
+    gen.set_defaults(handler=cmd_generate)
+
+    conv = sub.add_parser("convert", help="convert an artifact between sdtune, diffusers, kohya and a1111 layouts")
+    conv.add_argument("input")
+    conv.add_argument("output")
+    conv.add_argument("--to", choices=("sdtune", "diffusers", "kohya", "a1111"))
+    conv.add_argument("--model", help="base model whose layer names resolve ambiguous keys (default: by family)")
+    conv.set_defaults(handler=cmd_convert)
+
+    insp = sub.add_parser("inspect", help="print an artifact's format, tensors and run card")
+    insp.add_argument("file")
+    insp.set_defaults(handler=cmd_inspect)
+    return parser
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="builtin", help="diffusers folder, .safetensors/.ckpt file, hub id, "
+                        "builtin, tiny:sd1|sd2|sdxl or random:sd15|sd2|sdxl (default: builtin)")
+    parser.add_argument("--model-config", help="local diffusers folder giving a single-file checkpoint's architecture")
+
+
+def _add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
+    """One flag per config field; default None so only flags actually given override the config file."""
+    for f in dataclasses.fields(cls):
+        flag = "--" + (f.metadata.get("flag") or f.name.replace("_", "-"))
+        kind = type(f.default)
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=f.metadata.get("help"))
+        else:
+            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=f.metadata.get("help"),
+                                metavar=f.name.upper())
+
+
+def _method_config_class(method: str):
+    from .methods import registry
+
+    cls = registry().get(method)
+    return cls.config_class if cls else None
+
+
+def _section(args: argparse.Namespace, cls, file_values: dict) -> dict:
+    values = dict(file_values)
+    for f in dataclasses.fields(cls):
+        given = getattr(args, f.name, None)
+        if given is not None:
+            values[f.name] = given
+    return values
+
+
+def default_name(token: str) -> str:
+    """The artifact name: the token with characters Windows forbids in file names replaced."""
+    name = WINDOWS_ILLEGAL.sub("_", token).strip(" .")
+    return name or "artifact"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from . import methods
+    from .model import load
+    from .train import train
+
+    method_cls = methods.get(args.method)
+    file_values = load_config_file(args.config) if args.config else {}
+    data_cfg = build(DataConfig, _section(args, DataConfig, file_values.get("data", {})), "data")
+    train_cfg = build(TrainConfig, _section(args, TrainConfig, file_values.get("train", {})), "train")
+    method_cfg = build(method_cls.config_class,
+                       _section(args, method_cls.config_class, file_values.get(args.method, {})), args.method)
+    output = _writable_folder(args.output)
+    from .data import load_image_folder
+
+    load_image_folder(data_cfg.images) if data_cfg.images else None  # fail on bad images before loading a model
+    model = load(args.model, config=args.model_config)
+    result = train(model, method_cls(method_cfg), method_cfg, train_cfg, data_cfg, output,
+                   args.name or default_name(data_cfg.token), progress=not args.quiet)
+    for path in result.paths:
+        print(path)
+    return 0
+
+
+def _writable_folder(path: str) -> Path:
+    folder = Path(path)
+    for parent in [folder, *folder.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise SdtuneError(f"Output folder {folder} cannot be created: {parent} is a file.")
+            break
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SdtuneError(f"Output folder {folder} cannot be created: {exc.strerror}.") from exc
+    return folder
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import GenerateOptions, generate, save_images
+    from .model import load
+
+    if args.count < 1 or args.steps < 1:
+        raise SdtuneError("--count and --steps must be at least 1.")
+    model = load(args.model, config=args.model_config)
+    options = GenerateOptions(args.negative_prompt, args.steps, args.guidance, args.seed, args.count,
+                              args.scheduler, args.width, args.height,
+                              [Path(d) for d in (args.artifacts or ["."])])
+    for path in save_images(generate(model, args.prompt, options), args.output):
+        print(path)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert_file
+
+    print(convert_file(Path(args.input), Path(args.output), args.to, args.model))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .artifacts import describe_artifact
+
+    print(describe_artifact(Path(args.file)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Configuration dataclasses, one per concern, with the validation rules kept beside each field.
+
+Each field's metadata carries its help text and its allowed range/choices; the CLI builds its flags from
+these fields and `validate` checks any value the same way, whether it came from a flag or a YAML/TOML file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import SdtuneError
+
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+def opt(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
+        max: float | None = None, flag: str | None = None) -> Any:
+    """A dataclass field with CLI help and validation bounds."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "flag": flag}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    """Where the subject images are and how they become training examples."""
+
+    images: str = opt("", "folder of subject images (png/jpg/jpeg/webp, optional same-stem .txt captions)")
+    token: str = opt("sks", "the identifier/new word the subject is learned under")
+    class_word: str = opt("", "the subject's class (e.g. dog); used in prompts and by prior preservation")
+    prompt_template: str = opt("", "instance prompt; {token} and {class_word} are substituted "
+                                   "(default: the base model's own template)")
+    use_captions: bool = opt(False, "use same-stem .txt captions instead of the template")
+    resolution: int = opt(0, "training resolution in pixels (0: the model's native resolution)", min=0)
+    center_crop: bool = opt(True, "center crop (otherwise random crop)")
+    flip: bool = opt(False, "random horizontal flips")
+    buckets: bool = opt(False, "aspect-ratio buckets instead of square crops")
+    repeats: int = opt(1, "how many times each image appears per epoch", min=1)
+    class_images: str = opt("", "folder of class images for prior preservation (generated if short)")
+    num_class_images: int = opt(100, "class images wanted for prior preservation", min=1)
+    class_prompt: str = opt("", "prompt used to generate class images (default: built from the class word)")
+
+
+@dataclass
+class TrainConfig:
+    """The shared training loop's settings (identical for every method)."""
+
+    steps: int = opt(500, "optimizer steps", min=1)
+    lr: float = opt(1e-4, "learning rate", min=0.0, max=10.0)
+    batch_size: int = opt(1, "images per step per process", min=1)
+    grad_accum: int = opt(1, "micro-batches accumulated per optimizer step", min=1)
+    seed: int = opt(0, "seed for noise, timesteps, data order and initialisation", min=0)
+    device: str = opt("auto", "where to train", choices=("auto", "cpu", "cuda", "mps"))
+    mixed_precision: str = opt("no", "autocast precision", choices=("no", "fp16", "bf16"))
+    gradient_checkpointing: bool = opt(False, "recompute activations to save memory")
+    use_8bit_adam: bool = opt(False, "8-bit AdamW from bitsandbytes (CUDA only)")
+    lr_scheduler: str = opt("constant", "learning-rate schedule", choices=LR_SCHEDULES)
+    warmup_steps: int = opt(0, "learning-rate warm-up steps", min=0)
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)", min=0.0)
+    weight_decay: float = opt(1e-2, "AdamW weight decay", min=0.0)
+    offset_noise: float = opt(0.0, "offset-noise strength", min=0.0, max=1.0)
+    min_snr_gamma: float = opt(0.0, "min-SNR loss weighting gamma (0 disables)", min=0.0)
+    prior_preservation: bool = opt(False, "add the class-image loss (DreamBooth prior preservation)")
+    prior_loss_weight: float = opt(1.0, "weight of the class-image loss", min=0.0)
+    cache_latents: bool = opt(True, "encode images once when no random augmentation is active")
+    checkpoint_every: int = opt(0, "save a resumable checkpoint every N steps (0: only at the end)", min=0)
+    keep_checkpoints: int = opt(2, "how many checkpoints to keep", min=1)
+    resume: str = opt("", "resume from a checkpoint folder, or 'latest'")
+    validation_every: int = opt(0, "write validation images every N steps (0: never)", min=0)
+    validation_prompt: str = opt("", "validation prompt (default: the instance prompt)")
+    log_dir: str = opt("", "tensorboard log folder (default: OUTPUT/logs; 'none' disables)")
+
+
+def validate(config: Any, section: str = "") -> None:
+    """Raise SdtuneError naming the first field whose value is outside its allowed range or choices."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        name = f"{section}.{f.name}" if section else f.name
+        meta = f.metadata
+        if isinstance(value, float) and math.isnan(value):
+            raise SdtuneError(f"{name} is NaN; give a number{_range_text(meta)}.")
+        if meta.get("choices") and value not in meta["choices"]:
+            raise SdtuneError(f"{name} is '{value}'; allowed values are {', '.join(map(str, meta['choices']))}.")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            low, high = meta.get("min"), meta.get("max")
+            if (low is not None and value < low) or (high is not None and value > high):
+                raise SdtuneError(f"{name} is {value}; it must be{_range_text(meta)}.")
+
+
+def _range_text(meta) -> str:
+    low, high = meta.get("min"), meta.get("max")
+    if low is not None and high is not None:
+        return f" between {low} and {high}"
+    if low is not None:
+        return f" at least {low}"
+    if high is not None:
+        return f" at most {high}"
+    return ""
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Read a YAML or TOML config file into a nested dict ({'train': {...}, 'data': {...}, 'lora': {...}})."""
+    path = Path(path)
+    if not path.is_file():
+        raise SdtuneError(f"Config file {path} does not exist.")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+    except Exception as exc:  # both parsers raise their own error types
+        raise SdtuneError(f"Config file {path} could not be parsed: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(data, dict):
+        raise SdtuneError(f"Config file {path} must hold a mapping of sections to settings.")
+    return data
+
+
+def build(cls, values: dict, section: str):
+    """Make a `cls` from a dict, refusing unknown keys by name, then validate it."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SdtuneError(f"Unknown setting '{section}.{unknown[0]}'; known settings are {', '.join(sorted(known))}.")
+    coerced = {}
+    for f in fields(cls):
+        if f.name in values:
+            coerced[f.name] = _coerce(values[f.name], f, section)
+    config = cls(**coerced)
+    validate(config, section)
+    return config
+
+
+def _coerce(value: Any, f: dataclasses.Field, section: str) -> Any:
+    kind = type(f.default) if f.default is not dataclasses.MISSING else type(f.default_factory())
+    if kind is bool and not isinstance(value, bool):
+        raise SdtuneError(f"{section}.{f.name} must be true or false, not {value!r}.")
+    if kind in (int, float) and not isinstance(value, bool):
+        try:
+            number = kind(value)
+        except (TypeError, ValueError):
+            raise SdtuneError(f"{section}.{f.name} must be a number, not {value!r}.") from None
+        if kind is int and isinstance(value, float) and value != number:
+            raise SdtuneError(f"{section}.{f.name} must be a whole number, not {value!r}.")
+        return number
+    return value
+
+
+def to_json(*configs: Any) -> str:
+    """The resolved configuration, as saved beside outputs and in run cards."""
+    return json.dumps({type(c).__name__: dataclasses.asdict(c) for c in configs}, sort_keys=True)

@@ -1,0 +1,399 @@
+"""Subject and class images for training: loading, captions, resize/crop/flip, aspect buckets, latent cache.
+
+Awkward images (CMYK, 16-bit, palette, alpha, EXIF-rotated) become RGB; unreadable ones are refused by name before
+training starts. All randomness comes from an explicit seed or `torch.Generator`, so runs are reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import Dataset, Sampler
+
+from sdtune.errors import SdtuneError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+MIN_SIDE = 8
+MAX_SIDE = 16384
+DEFAULT_TEMPLATE = "{token} {class_word}"
+Size = tuple[int, int]  # (width, height)
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One validated image file: its path, upright size (after EXIF rotation) and optional .txt caption."""
+
+    path: Path
+    width: int
+    height: int
+    caption: str | None = None
+
+    def load(self) -> Image.Image:
+        """Decode the file again as upright RGB (records hold no pixels, so big folders stay cheap)."""
+        return load_image(self.path)
+
+
+def _refuse(path: Path, why: str) -> SdtuneError:
+    """The one-sentence refusal for an image file that cannot be decoded."""
+    return SdtuneError(f"{path} is not a readable image ({why}): remove or replace it.")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB: alpha is composited onto white, 16/32-bit greyscale is scaled to 8 bits."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I") or mode == "F":  # 16/32-bit integer or float greyscale
+        arr = np.asarray(img).astype(np.float64)
+        top = arr.max(initial=0)
+        if mode == "F":
+            arr = arr * 255.0 if top <= 1.0 else arr
+        elif mode.startswith("I;16") or top > 255:
+            arr = arr / 257.0  # 16-bit range 0..65535 -> 0..255
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode in ("P", "L") and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open, fully decode and validate one image; returns it upright and RGB or raises SdtuneError naming it."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise _refuse(path, "empty file")
+        with Image.open(path) as img:
+            w, h = img.size
+            if max(w, h) > MAX_SIDE:
+                raise SdtuneError(f"{path} is {w}x{h} pixels, over the {MAX_SIDE} px side limit: downscale it.")
+            img.load()
+            rgb = _to_rgb(ImageOps.exif_transpose(img))
+            rgb.load()
+    except SdtuneError:
+        raise
+    except Image.DecompressionBombError:
+        raise SdtuneError(f"{path} is too large to decode safely (decompression-bomb limit): downscale or remove it.")
+    except UnidentifiedImageError:
+        raise _refuse(path, "not an image file, or its header is damaged") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:  # permissions, vanished file: not the image's fault
+            raise SdtuneError(f"{path} cannot be read ({exc.strerror}): check that it exists and is readable.") from None
+        why = "truncated file" if "truncat" in str(exc).lower() else f"corrupt file: {exc}"
+        raise _refuse(path, why) from None
+    if min(rgb.size) < MIN_SIDE:
+        raise SdtuneError(f"{path} is only {rgb.width}x{rgb.height} pixels (minimum {MIN_SIDE}): use a larger image.")
+    return rgb
+
+
+def _read_caption(image_path: Path) -> str | None:
+    """The stripped UTF-8 text of the same-stem .txt file, or None when absent or empty."""
+    txt = image_path.with_suffix(".txt")
+    if not txt.is_file():
+        return None
+    try:
+        text = txt.read_text(encoding="utf-8-sig").strip()
+    except UnicodeDecodeError:
+        raise SdtuneError(f"caption {txt} is not UTF-8 text: re-save it as UTF-8.") from None
+    return text or None
+
+
+def load_image_folder(path: str | Path) -> list[ImageRecord]:
+    """Validate every png/jpg/jpeg/webp in a folder (sorted by name) and read same-stem .txt captions.
+
+    Other files and hidden files are skipped; any unreadable, tiny or huge image is refused by name.
+    """
+    folder = Path(path)
+    if not folder.exists():
+        raise SdtuneError(f"image folder {folder} does not exist: check the path.")
+    if not folder.is_dir():
+        raise SdtuneError(f"{folder} is a file, not a folder: pass the folder that holds the images.")
+    names = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.name[0] != ".")
+    files = [p for p in names if p.is_file()]
+    if not files:
+        exts = ", ".join(IMAGE_EXTENSIONS)
+        raise SdtuneError(f"image folder {folder} holds no images ({exts}): add some or point to another folder.")
+    return [ImageRecord(f, *load_image(f).size, _read_caption(f)) for f in files]
+
+
+def build_prompt(
+    record: ImageRecord, token: str, class_word: str, template: str = DEFAULT_TEMPLATE, use_captions: bool = True
+) -> str:
+    """The training prompt for one image: its .txt caption when `use_captions`, else the template.
+
+    `{token}` and `{class_word}` are substituted in both (plain replacement, so other braces are harmless).
+    """
+    text = record.caption if use_captions and record.caption else template
+    return text.replace("{token}", token).replace("{class_word}", class_word)
+
+
+def generator_for(seed: int, *keys: int) -> torch.Generator:
+    """A CPU generator seeded from (seed, *keys) so each (epoch, item) draws independent, repeatable numbers."""
+    state = np.random.SeedSequence([seed & 0xFFFFFFFF, *(k & 0xFFFFFFFF for k in keys)]).generate_state(2)
+    return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
+
+
+def resize_to_cover(img: Image.Image, width: int, height: int) -> Image.Image:
+    """Scale (Lanczos) so the image covers width x height with the aspect ratio kept; for square targets the
+    shorter side becomes the resolution."""
+    scale = max(width / img.width, height / img.height)
+    size = (max(width, round(img.width * scale)), max(height, round(img.height * scale)))
+    return img if size == img.size else img.resize(size, Image.Resampling.LANCZOS)
+
+
+def crop_and_flip(img: Image.Image, width: int, height: int, random_crop: bool = False, flip: bool = False,
+                  generator: torch.Generator | None = None) -> Image.Image:
+    """Crop a covering image to width x height (centre, or random from `generator`) and maybe mirror it (p=0.5)."""
+    if (random_crop or flip) and generator is None:
+        raise ValueError("random crop/flip needs an explicit torch.Generator")
+    dx, dy = img.width - width, img.height - height
+    if random_crop:
+        left = int(torch.randint(0, dx + 1, (1,), generator=generator))
+        top = int(torch.randint(0, dy + 1, (1,), generator=generator))
+    else:
+        left, top = dx // 2, dy // 2
+    out = img.crop((left, top, left + width, top + height))
+    if flip and float(torch.rand((), generator=generator)) < 0.5:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return out
+
+
+def to_tensor(img: Image.Image) -> Tensor:
+    """RGB PIL image -> float tensor [3, H, W] in [-1, 1]."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def transform_image(img: Image.Image, resolution: int | Size, random_crop: bool = False, flip: bool = False,
+                    generator: torch.Generator | None = None) -> Tensor:
+    """Resize + crop to `resolution` (an int for a square, or (width, height)), maybe flip, return [3,H,W] in [-1,1]."""
+    w, h = (resolution, resolution) if isinstance(resolution, int) else resolution
+    return to_tensor(crop_and_flip(resize_to_cover(img, w, h), w, h, random_crop, flip, generator))
+
+
+def make_buckets(resolution: int, step: int = 8, min_ratio: float = 0.5, max_ratio: float = 2.0) -> list[Size]:
+    """(width, height) buckets, both multiples of `step`, area <= resolution², aspect w/h within [min, max].
+
+    The square (resolution rounded down to `step`) is always included; the list is sorted by aspect ratio.
+    """
+    if step <= 0 or resolution < step:
+        raise SdtuneError(f"bucket step {step} must be positive and at most the resolution {resolution}: lower it.")
+    area = resolution * resolution
+    side = resolution // step * step
+    buckets = {(side, side)}
+    w = step
+    while w <= resolution * math.sqrt(max_ratio) + step:
+        h = (area // w) // step * step
+        if h >= step and min_ratio <= w / h <= max_ratio:
+            buckets.add((w, h))
+        w += step
+    return sorted(buckets, key=lambda b: (b[0] / b[1], b[0]))
+
+
+def assign_bucket(width: int, height: int, buckets: Sequence[Size]) -> Size:
+    """The bucket whose aspect ratio is closest (in log space) to width/height; larger area breaks ties."""
+    target = math.log(width / height)
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - target), -b[0] * b[1]))
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Yields batches of dataset indices that all share one bucket key; order is a function of (seed, epoch).
+
+    Pass the per-index keys (e.g. `dataset.bucket_keys()`); call `set_epoch` each epoch for a fresh order.
+    """
+
+    def __init__(
+        self, keys: Sequence[Hashable], batch_size: int, seed: int = 0, shuffle: bool = True, drop_last: bool = False
+    ) -> None:
+        if batch_size < 1:
+            raise SdtuneError(f"batch size {batch_size} must be at least 1: raise it.")
+        self.groups = {key: [i for i, k in enumerate(keys) if k == key] for key in dict.fromkeys(keys)}
+        self.batch_size, self.seed, self.shuffle, self.drop_last, self.epoch = batch_size, seed, shuffle, drop_last, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the shuffle order for this epoch."""
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        """Shuffle within each bucket, cut into batches, shuffle the batch order (all from (seed, epoch))."""
+        gen = generator_for(self.seed, self.epoch, 0xB0C4)
+        batches: list[list[int]] = []
+        for key in sorted(self.groups, key=repr):
+            idx = self.groups[key]
+            if self.shuffle:
+                idx = [idx[j] for j in torch.randperm(len(idx), generator=gen).tolist()]
+            for s in range(0, len(idx), self.batch_size):
+                chunk = idx[s : s + self.batch_size]
+                if len(chunk) == self.batch_size or not self.drop_last:
+                    batches.append(chunk)
+        if self.shuffle:
+            batches = [batches[j] for j in torch.randperm(len(batches), generator=gen).tolist()]
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
+class SubjectDataset(Dataset):
+    """Training examples {"pixels": [3,H,W] in [-1,1], "prompt": str, "index": image index} from image records.
+
+    Length is len(records) * repeats; item i shows image i % len(records). Random crop/flip draw from a
+    generator seeded by (seed, epoch, i): call `set_epoch` each epoch for new augmentations.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[ImageRecord], token: str = "", class_word: str = "", *,
+        template: str = DEFAULT_TEMPLATE, use_captions: bool = True, resolution: int = 512,
+        random_crop: bool = False, flip: bool = False, repeats: int = 1,
+        buckets: bool = False, bucket_step: int = 8, seed: int = 0,
+    ) -> None:  # fmt: skip
+        if not records:
+            raise SdtuneError("the image list is empty: point the dataset at a folder that holds images.")
+        if repeats < 1:
+            raise SdtuneError(f"repeats is {repeats}, but each image must appear at least once: use 1 or more.")
+        if resolution < MIN_SIDE:
+            raise SdtuneError(f"resolution {resolution} is below {MIN_SIDE} px: use a larger --resolution.")
+        self.records = list(records)
+        self.prompts = [build_prompt(r, token, class_word, template, use_captions) for r in self.records]
+        self.resolution, self.random_crop, self.flip = resolution, random_crop, flip
+        self.repeats, self.seed, self.epoch = repeats, seed, 0
+        if buckets:
+            table = make_buckets(resolution, bucket_step)
+            self.sizes = [assign_bucket(r.width, r.height, table) for r in self.records]
+        else:
+            self.sizes = [(resolution, resolution)] * len(self.records)
+        self._resized: dict[tuple[int, int, int], Image.Image] = {}
+
+    @property
+    def augmentation_is_random(self) -> bool:
+        """True when items differ between epochs (random crop or flip), so latents must not be cached."""
+        return self.random_crop or self.flip
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation draw for this epoch."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.records) * self.repeats
+
+    def bucket_keys(self) -> list[Size]:
+        """The (width, height) each item will have, for BucketBatchSampler."""
+        return [self.sizes[i % len(self.records)] for i in range(len(self))]
+
+    def get(self, i: int, size: Size | None = None) -> dict:
+        """Item i, optionally at an explicit (width, height) instead of its own bucket (used for class pairing)."""
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        n = i % len(self.records)
+        w, h = size or self.sizes[n]
+        if (n, w, h) not in self._resized:  # decode + resize once; crops and flips are cheap per epoch
+            self._resized[n, w, h] = resize_to_cover(self.records[n].load(), w, h)
+        gen = generator_for(self.seed, self.epoch, i) if self.augmentation_is_random else None
+        img = crop_and_flip(self._resized[n, w, h], w, h, self.random_crop, self.flip, gen)
+        return {"pixels": to_tensor(img), "prompt": self.prompts[n], "index": n}
+
+    def __getitem__(self, i: int) -> dict:
+        return self.get(i)
+
+
+class LatentDataset(Dataset):
+    """Cached VAE latents: items {"latents", "prompt", "index"}, same length and order as the source dataset."""
+
+    def __init__(self, latents: Sequence[torch.Tensor], prompts: Sequence[str], repeats: int) -> None:
+        self.latents, self.prompts, self.repeats = list(latents), list(prompts), repeats
+        self.augmentation_is_random = False
+
+    def __len__(self) -> int:
+        return len(self.latents) * self.repeats
+
+    def bucket_keys(self) -> list[tuple[int, ...]]:
+        """Latent shapes per item, so BucketBatchSampler keeps batches shape-uniform."""
+        return [tuple(self.latents[i % len(self.latents)].shape) for i in range(len(self))]
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        n = i % len(self.latents)
+        return {"latents": self.latents[n], "prompt": self.prompts[n], "index": n}
+
+
+def augmentation_is_random(dataset: Dataset) -> bool:
+    """Whether a dataset's items change between epochs (then latents cannot be cached)."""
+    return bool(getattr(dataset, "augmentation_is_random", True))
+
+
+@torch.no_grad()
+def cache_latents(dataset: SubjectDataset, encode: Callable[[Tensor], Tensor], batch_size: int = 4) -> LatentDataset:
+    """Encode each distinct image once with `encode` ([B,3,H,W] -> [B,C,h,w]) and return a LatentDataset.
+
+    Refused when augmentation is random, because a cached latent would freeze one crop/flip forever.
+    Images are batched per bucket size; latents are stored on the CPU.
+    """
+    if augmentation_is_random(dataset):
+        raise SdtuneError("latents cannot be cached while random crop or flip is on: turn those or caching off.")
+    latents: dict[int, torch.Tensor] = {}
+    for key in sorted(set(dataset.sizes)):
+        idx = [i for i, size in enumerate(dataset.sizes) if size == key]
+        for chunk in (idx[s : s + max(1, batch_size)] for s in range(0, len(idx), max(1, batch_size))):
+            out = encode(torch.stack([dataset[i]["pixels"] for i in chunk]))
+            latents.update({i: out[j].detach().cpu() for j, i in enumerate(chunk)})
+    return LatentDataset([latents[i] for i in range(len(dataset.records))], dataset.prompts, dataset.repeats)
+
+
+class PairedDataset(Dataset):
+    """Instance items paired with class (prior-preservation) items for DreamBooth.
+
+    Item i is the instance item plus the class item's keys prefixed "class_" (class_pixels or class_latents,
+    class_prompt, class_index). The class set is cycled with an epoch offset so every class image gets used; class
+    pixels are rendered at the instance item's size, so a single-bucket batch stays one shape.
+    """
+
+    def __init__(self, instance: Dataset, class_: Dataset) -> None:
+        if len(class_) == 0:
+            raise SdtuneError("the class image set is empty: add class images or turn off prior preservation.")
+        self.instance, self.class_, self.epoch = instance, class_, 0
+
+    @property
+    def augmentation_is_random(self) -> bool:
+        """True when either side changes between epochs."""
+        return augmentation_is_random(self.instance) or augmentation_is_random(self.class_)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Propagate the epoch to both sides and move the class cycle on."""
+        self.epoch = epoch
+        for ds in (self.instance, self.class_):
+            getattr(ds, "set_epoch", lambda _: None)(epoch)
+
+    def __len__(self) -> int:
+        return len(self.instance)
+
+    def bucket_keys(self) -> list[Hashable]:
+        """The instance side's keys: the class side follows the instance item's size."""
+        return self.instance.bucket_keys()
+
+    def __getitem__(self, i: int) -> dict:
+        item = dict(self.instance[i])
+        j = (self.epoch * len(self.instance) + i) % len(self.class_)
+        if "pixels" in item:  # pixels: render the class image at the instance item's size
+            h, w = item["pixels"].shape[-2:]
+            other = self.class_.get(j, size=(w, h))
+        else:  # cached latents are fixed: they must already agree
+            other = self.class_[j]
+            if other["latents"].shape != item["latents"].shape:
+                raise SdtuneError(
+                    f"cached class latents {tuple(other['latents'].shape)} differ from instance latents "
+                    f"{tuple(item['latents'].shape)}: turn off buckets or latent caching for prior preservation."
+                )
+        item.update({f"class_{k}": v for k, v in other.items()})
+        return item

@@ -1,0 +1,233 @@
+"""LoRA: low-rank updates of chosen linear/conv layers, injected with peft.
+
+Canonical state keys: `<component>.<module path>.lora_A.weight`, `.lora_B.weight` and `.alpha` (0-dim),
+with component in unet / text_encoder / text_encoder_2. Files are converted by sdtune.formats.lora.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from ..config import opt
+from ..errors import SdtuneError
+
+TRAIN_ADAPTER = "sdtune"
+# Named groups of UNet layers users ask for by name; anything else is taken as a module-name suffix.
+UNET_TARGET_GROUPS = {
+    "attn": ["to_q", "to_k", "to_v", "to_out.0"],
+    "ff": ["ff.net.0.proj", "ff.net.2"],
+    "conv": ["conv1", "conv2", "conv_shortcut", "proj_in", "proj_out"],
+}
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+LORA_KEY = re.compile(r"^(?P<component>[a-z_0-9]+?)\.(?P<path>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|alpha)$")
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA's own settings."""
+
+    rank: int = opt(4, "LoRA rank r", min=1, max=4096)
+    alpha: float = opt(0.0, "LoRA alpha; the update is scaled by alpha/rank (0: alpha = rank)", min=0.0)
+    dropout: float = opt(0.0, "dropout on the LoRA input during training", min=0.0, max=0.99)
+    targets: str = opt("attn", "comma list of layer groups (attn, ff, conv) or module-name suffixes",
+                       flag="lora-targets")
+    train_text_encoder: bool = opt(False, "also put LoRA on the text encoder(s) attention projections")
+    format: str = opt("kohya", "file layout written", choices=("kohya", "diffusers", "sdtune"))
+
+
+def unet_target_modules(targets: str) -> list[str]:
+    names: list[str] = []
+    for item in (t.strip() for t in targets.split(",") if t.strip()):
+        names += UNET_TARGET_GROUPS.get(item, [item])
+    return list(dict.fromkeys(names))
+
+
+class LoRA:
+    """The LoRA method (see module docstring)."""
+
+    name: ClassVar[str] = "lora"
+    config_class: ClassVar[type] = LoRAConfig
+
+    def __init__(self, cfg: LoRAConfig | None = None):
+        self.cfg = cfg or LoRAConfig()
+
+    @property
+    def alpha(self) -> float:
+        return self.cfg.alpha or float(self.cfg.rank)
+
+    # Training -----------------------------------------------------------------------------------------------
+    def setup(self, model, cfg: LoRAConfig | None = None) -> list[torch.nn.Parameter]:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        self.cfg = cfg or self.cfg
+        for module in model.components().values():
+            module.requires_grad_(False)
+        plan = {"unet": unet_target_modules(self.cfg.targets)}
+        if self.cfg.train_text_encoder:
+            plan.update({name: TEXT_TARGETS for name in model.components() if name.startswith("text_encoder")})
+        params: list[torch.nn.Parameter] = []
+        for component, targets in plan.items():
+            module = model.components()[component]
+            config = LoraConfig(r=self.cfg.rank, lora_alpha=self.alpha, lora_dropout=self.cfg.dropout,
+                                target_modules=targets)
+            try:
+                inject_adapter_in_model(config, module, adapter_name=TRAIN_ADAPTER)
+            except ValueError as exc:
+                raise SdtuneError(f"No {component} layer matches --lora-targets '{self.cfg.targets}'.") from exc
+            params += [p for n, p in module.named_parameters() if f".{TRAIN_ADAPTER}." in f".{n}." and "lora_" in n]
+        for param in params:
+            param.requires_grad_(True)
+        return params
+
+    def state_dict(self, model) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        state: dict[str, torch.Tensor] = {}
+        for component, module in model.components().items():
+            paths = _lora_module_paths(module, TRAIN_ADAPTER)
+            if not paths:
+                continue
+            weights = get_peft_model_state_dict(module, adapter_name=TRAIN_ADAPTER)
+            for key, value in weights.items():
+                state[f"{component}.{key}"] = value.detach().to("cpu", torch.float32).contiguous()
+            for path in paths:
+                state[f"{component}.{path}.alpha"] = torch.tensor(self.alpha, dtype=torch.float32)
+        return state
+
+    def load_state_dict(self, model, state: dict[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        for component, weights in _split_by_component(state).items():
+            module = model.components()[component]
+            tensors = {k: v for k, v in weights.items() if not k.endswith(".alpha")}
+            result = set_peft_model_state_dict(module, tensors, adapter_name=TRAIN_ADAPTER)
+            if result.unexpected_keys:
+                raise SdtuneError(f"Checkpoint does not fit this LoRA setup ({result.unexpected_keys[0]}).")
+
+    def metadata(self) -> dict[str, str]:
+        return {"rank": str(self.cfg.rank), "alpha": str(self.alpha), "targets": self.cfg.targets,
+                "train_text_encoder": str(self.cfg.train_text_encoder).lower()}
+
+    # Inference ----------------------------------------------------------------------------------------------
+    def apply(self, model, state: dict[str, torch.Tensor], weight: float = 1.0, name: str = "lora") -> None:
+        """Inject `state` as its own adapter next to any already applied, scaled by `weight`."""
+        from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+        adapter = _adapter_name(name, model)
+        components = model.components()
+        grouped = _split_by_component(state)
+        for component, weights in grouped.items():
+            if component not in components:
+                raise SdtuneError(f"LoRA '{name}' has weights for {component}, which this model does not have; "
+                                  "it was made for another model family.")
+            _check_fits(name, components[component], weights)
+        for component, weights in grouped.items():
+            module = components[component]
+            ranks = {k[: -len(".lora_A.weight")]: v.shape[0] for k, v in weights.items() if k.endswith("lora_A.weight")}
+            alphas = {p: float(state.get(f"{component}.{p}.alpha", torch.tensor(float(r)))) for p, r in ranks.items()}
+            rank = Counter(ranks.values()).most_common(1)[0][0]
+            alpha = Counter(alphas.values()).most_common(1)[0][0]
+            config = LoraConfig(
+                r=rank, lora_alpha=alpha, target_modules=sorted(ranks),
+                rank_pattern={re.escape(p): r for p, r in ranks.items() if r != rank},
+                alpha_pattern={re.escape(p): a for p, a in alphas.items() if a != alpha})
+            inject_adapter_in_model(config, module, adapter_name=adapter)
+            tensors = {k: v for k, v in weights.items() if not k.endswith(".alpha")}
+            set_peft_model_state_dict(module, tensors, adapter_name=adapter)
+            _activate(module, adapter, weight)
+
+    def save(self, model, out_dir: Path, name: str, card: dict[str, str], fmt: str | None = None) -> list[Path]:
+        from ..artifacts import save_artifact
+
+        tensors, extra = encode_state(self.state_dict(model), fmt or self.cfg.format, model)
+        path = Path(out_dir) / f"{name}.safetensors"
+        save_artifact(path, tensors, {**card, **extra})
+        return [path]
+
+    def decode_file(self, model, tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path):
+        """A LoRA file in any layout sdtune reads -> canonical state for this model (or a clear refusal)."""
+        from ..formats.lora import check_lora_family, detect_lora_format, from_diffusers, from_kohya, lora_family_hints
+
+        if not isinstance(tensors, dict) or not tensors:
+            raise SdtuneError(f"{path.name} holds no LoRA weights.")
+        check_lora_family(lora_family_hints(tensors, metadata), model.family,
+                          model.unet.config.cross_attention_dim, f"LoRA {path.name}")
+        layout = detect_lora_format(tensors)
+        paths = {c: [n for n, _ in m.named_modules()] for c, m in model.components().items() if c != "vae"}
+        if layout == "kohya":
+            return from_kohya(tensors, paths, model.unet.config, metadata)
+        if layout == "diffusers":
+            return from_diffusers(tensors, metadata, paths)
+        return tensors
+
+
+def encode_state(state: dict[str, torch.Tensor], fmt: str, model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Canonical state -> (tensors, extra header metadata) in the requested file layout."""
+    from ..formats.lora import to_diffusers, to_kohya
+
+    if fmt == "kohya":
+        return to_kohya(state, model.unet.config), {}
+    if fmt == "diffusers":
+        return to_diffusers(state)
+    return state, {}
+
+
+def _split_by_component(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        match = LORA_KEY.match(key)
+        if not match:
+            raise SdtuneError(f"'{key}' is not a LoRA weight key.")
+        component, rest = key.split(".", 1)
+        grouped.setdefault(component, {})[rest] = value
+    return grouped
+
+
+def _lora_module_paths(module: torch.nn.Module, adapter: str) -> list[str]:
+    from peft.tuners.lora import LoraLayer
+
+    return [n for n, m in module.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A]
+
+
+def _check_fits(name: str, module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Refuse a LoRA whose layers are missing or of another width, naming the first misfit."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = dict(module.named_modules())
+    for key, value in weights.items():
+        if not key.endswith("lora_A.weight"):
+            continue
+        path = key[: -len(".lora_A.weight")]
+        layer = layers.get(path)
+        base = layer.get_base_layer() if isinstance(layer, LoraLayer) else layer
+        in_features = getattr(base, "in_features", getattr(base, "in_channels", None))
+        if base is None or in_features != value.shape[1]:
+            raise SdtuneError(f"LoRA '{name}' does not fit this model (layer {path} "
+                              f"{'is missing' if base is None else 'has another width'}); "
+                              "it was made for another model family or size.")
+
+
+def _adapter_name(name: str, model) -> str:
+    """A unique peft adapter name per applied artifact (peft names may not contain dots)."""
+    used = model.extras.setdefault("lora_adapters", [])
+    adapter = f"{re.sub(r'[^A-Za-z0-9_]', '_', name)}_{len(used)}"
+    used.append(adapter)
+    return adapter
+
+
+def _activate(module: torch.nn.Module, adapter: str, weight: float) -> None:
+    """Make `adapter` active beside the others already active in each LoRA layer, with its weight."""
+    from peft.tuners.lora import LoraLayer
+
+    for layer in module.modules():
+        if isinstance(layer, LoraLayer) and adapter in layer.lora_A:
+            active = [a for a in layer.active_adapters if a != adapter and a in layer.lora_A] + [adapter]
+            layer.set_adapter(active)
+            layer.set_scale(adapter, weight)
+            layer.requires_grad_(False)

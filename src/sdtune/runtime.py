@@ -1,0 +1,55 @@
+"""Device choice, accelerate set-up, cross-process gradient sums and peak-memory readings."""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+
+from .errors import SdtuneError
+
+
+def resolve_device(choice: str) -> str:
+    """Turn --device auto|cpu|cuda|mps into a device that exists here, or say why it cannot."""
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SdtuneError("--device cuda was asked for but this torch build sees no CUDA GPU.")
+    if choice == "mps" and not has_mps:
+        raise SdtuneError("--device mps was asked for but no Apple MPS device is available.")
+    return choice
+
+
+def make_accelerator(cfg):
+    """An Accelerator on the chosen device; multi-process when launched by torchrun/accelerate launch."""
+    from accelerate import Accelerator
+
+    device = resolve_device(cfg.device)
+    if cfg.mixed_precision == "fp16" and device == "cpu":
+        raise SdtuneError("mixed_precision fp16 is not supported on the CPU; use bf16 or no.")
+    # Gradient accumulation is done by the loop itself (it also spans processes), so accelerate's is off.
+    return Accelerator(cpu=device == "cpu", mixed_precision=cfg.mixed_precision)
+
+
+def sum_gradients_across_processes(accelerator, params) -> None:
+    """Sum trainable gradients over processes (each process's loss is already its share of the global mean)."""
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+    offset = 0
+    for param, grad in zip(params, grads):
+        count = grad.numel()
+        param.grad = flat[offset: offset + count].view_as(grad).to(grad.dtype)
+        offset += count
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA peak allocated on GPU; this process's peak resident set size on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB, macOS bytes

@@ -1,0 +1,210 @@
+"""THE training loop, shared by all four methods. It never asks which method it is training.
+
+Read top to bottom: set up the device and the method, prepare examples (cached latents and text when
+possible), build the optimizer, resume if asked, then step: draw noise per sample, predict, weigh the
+loss, accumulate, synchronise gradients across processes, clip, update; checkpoint, validate, log; save.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .config import DataConfig, TrainConfig, to_json
+from .conditioning import Conditioning
+from .errors import SdtuneError
+from .loss import combine, draw_noise, min_snr_weights, per_sample_mse, training_target
+from .runtime import make_accelerator, peak_memory_bytes, sum_gradients_across_processes
+from .trainset import TrainingSet, build_training_set
+from . import checkpoints
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced and what it cost."""
+
+    paths: list[Path]
+    steps: int
+    wall_time: float
+    peak_memory: int
+    trainable_params: int
+    losses: list[float] = field(default_factory=list)
+
+
+def train(model, method, method_cfg, train_cfg: TrainConfig, data_cfg: DataConfig, out_dir: str | Path,
+          name: str, fmt: str | None = None, progress: bool = True) -> TrainResult:
+    """Train `method` on `model` with the subject in `data_cfg`; write the artifact to out_dir/name.*"""
+    started = time.time()
+    out_dir = Path(out_dir)
+    accelerator = make_accelerator(train_cfg)
+    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(train_cfg.mixed_precision, torch.float32)
+
+    # 1. The method decides what trains; frozen weights may be stored in the mixed-precision dtype.
+    torch.manual_seed(train_cfg.seed)
+    model.to(device, weight_dtype if device.type == "cuda" else None)
+    model.vae.to(dtype=torch.float32)  # SDXL's VAE overflows in fp16; it runs once per image anyway
+    params = method.setup(model, method_cfg)
+    for param in params:
+        param.data = param.data.float()  # trainable values always in fp32
+    if train_cfg.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+    noise_scheduler = model.noise_scheduler()
+
+    # 2. Examples: latents and text conditioning computed once where nothing about them changes.
+    examples = build_training_set(model, data_cfg, train_cfg, accelerator)
+    global_batch = train_cfg.batch_size * train_cfg.grad_accum * world
+
+    # 3. Optimizer and schedule; resume restores them with the trained values and the step.
+    optimizer, lr_schedule = _make_optimizer(params, train_cfg, device)
+    optimizer = accelerator.prepare(optimizer)
+    start_step, losses = 0, []
+    if train_cfg.resume:
+        start_step, losses = checkpoints.restore(out_dir, train_cfg.resume, method, model, optimizer, lr_schedule)
+
+    bar = _progress(train_cfg.steps, start_step, progress and accelerator.is_main_process)
+    logger = _tensorboard(out_dir, train_cfg, accelerator.is_main_process)
+    for step in range(start_step, train_cfg.steps):
+        torch.manual_seed(train_cfg.seed * 100_003 + step)  # dropout etc. replay identically after a resume
+        step_loss = torch.zeros((), device=device)
+        for micro in range(train_cfg.grad_accum):
+            first = step * global_batch + (micro * world + rank) * train_cfg.batch_size
+            positions = list(range(first, first + train_cfg.batch_size))
+            loss = _micro_batch_loss(model, examples, positions, noise_scheduler, train_cfg, global_batch,
+                                     accelerator)
+            accelerator.backward(loss)
+            step_loss += loss.detach()
+        sum_gradients_across_processes(accelerator, params)
+        if train_cfg.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(params, train_cfg.max_grad_norm)
+        optimizer.step()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        loss_value = float(accelerator.reduce(step_loss, "sum")) if world > 1 else float(step_loss)
+        losses.append(loss_value)
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+        bar.update(1)
+        if logger:
+            logger.add_scalar("train/loss", loss_value, step + 1)
+            logger.add_scalar("train/lr", lr_schedule.get_last_lr()[0], step + 1)
+        done = step + 1
+        if accelerator.is_main_process and train_cfg.checkpoint_every and done % train_cfg.checkpoint_every == 0 \
+                and done < train_cfg.steps:
+            checkpoints.save(out_dir, done, method, model, optimizer, lr_schedule, losses, train_cfg.keep_checkpoints)
+        if accelerator.is_main_process and train_cfg.validation_every and done % train_cfg.validation_every == 0:
+            _validation_image(model, examples, train_cfg, out_dir, done, logger)
+    bar.close()
+
+    # 4. The artifact, with a run card that says how it was made.
+    wall = time.time() - started
+    peak = peak_memory_bytes(device)
+    paths: list[Path] = []
+    if accelerator.is_main_process:
+        card = run_card(method, model, train_cfg, data_cfg, method_cfg, wall, peak, losses)
+        paths = method.save(model, out_dir, name, card, fmt)
+        (out_dir / f"{name}.config.json").write_text(json.dumps(json.loads(card["config"]), indent=1))
+    accelerator.wait_for_everyone()
+    if logger:
+        logger.close()
+    return TrainResult(paths, train_cfg.steps, wall, peak, sum(p.numel() for p in params), losses)
+
+
+def _micro_batch_loss(model, examples: TrainingSet, positions: list[int], noise_scheduler, cfg: TrainConfig,
+                      global_batch: int, accelerator) -> torch.Tensor:
+    """Loss of one micro-batch, normalised by the global batch so split batches sum to the whole."""
+    batch = examples.batch(positions)
+    latents = batch.latents.to(accelerator.device)
+    noise, timesteps = draw_noise(tuple(latents.shape[1:]), batch.noise_positions, cfg.seed,
+                                  noise_scheduler.config.num_train_timesteps, cfg.offset_noise)
+    noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    cond: Conditioning = batch.conditioning
+    with accelerator.autocast():
+        pred = model.unet(noisy, timesteps, cond.hidden_states,
+                          added_cond_kwargs=cond.added).sample
+    losses = per_sample_mse(pred, training_target(noise_scheduler, latents, noise, timesteps))
+    if cfg.min_snr_gamma:
+        losses = losses * min_snr_weights(noise_scheduler, timesteps, cfg.min_snr_gamma)
+    is_class = batch.is_class.to(latents.device)
+    n_class = global_batch if cfg.prior_preservation else 0
+    return combine(losses, is_class, cfg.prior_loss_weight, global_batch, n_class)
+
+
+def _make_optimizer(params, cfg: TrainConfig, device):
+    from diffusers.optimization import get_scheduler
+
+    if not params:
+        raise SdtuneError("The method has nothing to train; check its settings.")
+    optimizer_cls = torch.optim.AdamW
+    if cfg.use_8bit_adam:
+        if device.type != "cuda":
+            raise SdtuneError("use_8bit_adam needs a CUDA device; drop it on this machine.")
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise SdtuneError("use_8bit_adam needs bitsandbytes: pip install bitsandbytes.") from None
+        optimizer_cls = bnb.optim.AdamW8bit
+    optimizer = optimizer_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
+                             num_training_steps=cfg.steps)
+    return optimizer, schedule
+
+
+def run_card(method, model, train_cfg, data_cfg, method_cfg, wall: float, peak: int,
+             losses: list[float]) -> dict[str, str]:
+    """Header metadata written into every artifact."""
+    card = {
+        "sdtune_version": __version__,
+        "method": method.name,
+        "base_model": model.source,
+        "base_family": model.family,
+        "base_hash": model.fingerprint(),
+        "prediction_type": model.prediction_type,
+        "token": data_cfg.token,
+        "class_word": data_cfg.class_word,
+        "steps": str(train_cfg.steps),
+        "seed": str(train_cfg.seed),
+        "wall_time_s": f"{wall:.2f}",
+        "peak_memory_bytes": str(peak),
+        "final_loss": f"{losses[-1]:.6f}" if losses else "",
+        "config": to_json(data_cfg, train_cfg, method_cfg),
+    }
+    card.update({f"{method.name}_{k}": v for k, v in method.metadata().items()})
+    return card
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _tensorboard(out_dir: Path, cfg: TrainConfig, is_main: bool):
+    if not is_main or cfg.log_dir == "none":
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional at run time
+        return None
+    return SummaryWriter(cfg.log_dir or str(out_dir / "logs"))
+
+
+@torch.no_grad()
+def _validation_image(model, examples: TrainingSet, cfg: TrainConfig, out_dir: Path, step: int, logger) -> None:
+    """One image from the validation prompt with the weights as they are now."""
+    prompt = cfg.validation_prompt or examples.instance_prompt
+    generator = torch.Generator().manual_seed(cfg.seed)
+    image = model.pipeline()(prompt, num_inference_steps=25, generator=generator).images[0]
+    folder = out_dir / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    image.save(folder / f"step-{step:06d}.png")
+    if logger:
+        import numpy as np
+
+        logger.add_image("validation", np.asarray(image), step, dataformats="HWC")

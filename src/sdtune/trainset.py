@@ -1,0 +1,153 @@
+"""Training examples as the loop sees them: latents + conditioning for any global sample position.
+
+A position p (0, 1, 2, ... over the whole run) maps to epoch p // N and a slot in that epoch's seeded
+permutation, so any process or micro-batch can fetch its share without a stateful data loader, and a
+resumed run sees exactly the examples it would have seen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from . import conditioning
+from .conditioning import Conditioning
+from .config import DataConfig, TrainConfig
+from .data import SubjectDataset, generator_for, load_image_folder
+from .errors import SdtuneError
+from .loss import sample_seed
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor
+    conditioning: Conditioning
+    is_class: torch.Tensor
+    noise_positions: list[int]
+
+
+class ExampleStream:
+    """One dataset (instance or class images) addressed by global position."""
+
+    def __init__(self, dataset: SubjectDataset, seed: int, batch_size: int):
+        self.dataset, self.seed, self.batch_size = dataset, seed, batch_size
+        self._order = lru_cache(maxsize=4)(self._epoch_order)
+
+    def slot(self, position: int) -> tuple[int, int]:
+        """(epoch, dataset index) for a global position."""
+        order = self._order(position // len(self.dataset)) if len(self.dataset) else []
+        return position // len(self.dataset), order[position % len(self.dataset)]
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        """A seeded permutation; with buckets, grouped so each micro-batch holds one image size."""
+        count = len(self.dataset)
+        perm = torch.randperm(count, generator=generator_for(self.seed, epoch)).tolist()
+        keys = self.dataset.bucket_keys()
+        if len(set(keys)) == 1 or self.batch_size == 1:
+            return perm
+        groups: dict = {}
+        for index in perm:
+            groups.setdefault(keys[index], []).append(index)
+        chunks = []
+        for members in groups.values():
+            while len(members) % self.batch_size:  # pad a short bucket by repeating its own images
+                members.append(members[len(members) % len(members)])
+            chunks += [members[i: i + self.batch_size] for i in range(0, len(members), self.batch_size)]
+        chunk_order = torch.randperm(len(chunks), generator=generator_for(self.seed, epoch, 1)).tolist()
+        flat = [i for c in chunk_order for i in chunks[c]]
+        return flat[:count] if len(flat) >= count else flat + perm[: count - len(flat)]
+
+
+class TrainingSet:
+    """Latents (cached when deterministic) and text conditioning (cached when the encoder is frozen)."""
+
+    def __init__(self, model, instance: ExampleStream, class_: ExampleStream | None, seed: int, device,
+                 cache_latents: bool, instance_prompt: str):
+        self.model, self.instance, self.class_ = model, instance, class_
+        self.seed, self.device = seed, device
+        self.instance_prompt = instance_prompt
+        self.text_trains = any(p.requires_grad for e in model.text_encoders for p in e.parameters())
+        self._latent_cache: dict[tuple[int, int], torch.Tensor] = {}
+        self._cache_latents = cache_latents
+        self._cond_cache: dict[str, Conditioning] = {}
+
+    def batch(self, positions: list[int]) -> Batch:
+        items = [(self.instance, p, 2 * p, False) for p in positions]
+        if self.class_ is not None:
+            items += [(self.class_, p, 2 * p + 1, True) for p in positions]
+        latents = torch.cat([self._latents(stream, p, noise_pos, is_class) for stream, p, noise_pos, is_class in items])
+        prompts = [self._prompt(stream, p) for stream, p, _, _ in items]
+        return Batch(latents, self._conditioning(prompts), torch.tensor([it[3] for it in items]),
+                     [it[2] for it in items])
+
+    def _prompt(self, stream: ExampleStream, position: int) -> str:
+        _, index = stream.slot(position)
+        return stream.dataset.prompts[index % len(stream.dataset.records)]
+
+    @torch.no_grad()
+    def _latents(self, stream: ExampleStream, position: int, noise_pos: int, is_class: bool) -> torch.Tensor:
+        epoch, index = stream.slot(position)
+        image = index % len(stream.dataset.records)  # repeats show the same image
+        key = (int(is_class), image)
+        if self._cache_latents and key in self._latent_cache:
+            return self._latent_cache[key]
+        stream.dataset.set_epoch(epoch)
+        pixels = stream.dataset.get(index)["pixels"].unsqueeze(0).to(self.device, torch.float32)
+        vae = self.model.vae
+        dist = vae.encode(pixels).latent_dist
+        # The posterior sample's noise is seeded by the image when cached, by the position otherwise.
+        seed_key = (image * 2 + int(is_class)) if self._cache_latents else noise_pos
+        eps = torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(
+            sample_seed(self.seed + 7, seed_key))).to(self.device)
+        latents = (dist.mean + dist.std * eps) * vae.config.scaling_factor
+        if self._cache_latents:
+            self._latent_cache[key] = latents
+        return latents
+
+    def _conditioning(self, prompts: list[str]) -> Conditioning:
+        if self.text_trains:
+            return conditioning.encode(self.model, prompts)
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cond_cache]
+        if missing:
+            with torch.no_grad():
+                encoded = conditioning.encode(self.model, missing)
+            for i, prompt in enumerate(missing):
+                self._cond_cache[prompt] = encoded.select(slice(i, i + 1))
+        return Conditioning.cat([self._cond_cache[p] for p in prompts])
+
+
+def build_training_set(model, data_cfg: DataConfig, train_cfg: TrainConfig, accelerator) -> TrainingSet:
+    """Load the subject (and class) images and wrap them for the loop."""
+    if not data_cfg.images:
+        raise SdtuneError("No image folder given: pass --images DIR with the subject's pictures.")
+    resolution = data_cfg.resolution or model.resolution
+    template = data_cfg.prompt_template or default_template(model)
+
+    def dataset(folder: str, token: str, use_captions: bool) -> SubjectDataset:
+        return SubjectDataset(load_image_folder(folder), token, data_cfg.class_word, template=template,
+                              use_captions=use_captions, resolution=resolution,
+                              random_crop=not data_cfg.center_crop, flip=data_cfg.flip,
+                              repeats=data_cfg.repeats, buckets=data_cfg.buckets, seed=train_cfg.seed)
+
+    instance = dataset(data_cfg.images, data_cfg.token, data_cfg.use_captions)
+    class_stream = None
+    if train_cfg.prior_preservation:
+        if not data_cfg.class_images or not data_cfg.class_word:
+            raise SdtuneError("Prior preservation needs --class-word and --class-images DIR.")
+        class_set = dataset(data_cfg.class_images, "", False)
+        if data_cfg.class_prompt:
+            class_set.prompts = [data_cfg.class_prompt] * len(class_set.records)
+        else:
+            class_set.prompts = [" ".join(p.split()) for p in class_set.prompts]  # token removed
+        class_stream = ExampleStream(class_set, train_cfg.seed + 1, train_cfg.batch_size)
+    cache = train_cfg.cache_latents and not instance.augmentation_is_random
+    prompt = instance.prompts[0]
+    return TrainingSet(model, ExampleStream(instance, train_cfg.seed, train_cfg.batch_size), class_stream,
+                       train_cfg.seed, accelerator.device, cache, prompt)
+
+
+def default_template(model) -> str:
+    """The base model's instance-prompt template: its own if it declares one (the builtin model does)."""
+    return model.extras.get("prompt_template", "a photo of {token} {class_word}")

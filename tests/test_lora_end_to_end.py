@@ -1,0 +1,135 @@
+"""LoRA end to end: train with the CLI, generate, and match diffusers' own LoRA loader image for image."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sdtune.cli import main
+from sdtune.config import DataConfig, TrainConfig
+from sdtune.methods.lora import LoRA, LoRAConfig
+from sdtune.model import load
+from sdtune.train import train
+
+FAMILIES = ["sd1", "sd2"]
+
+
+def _train_cli(model_dir, images, out, fmt, steps=4, extra=()):
+    argv = ["train", "lora", "--model", str(model_dir), "--images", str(images), "--token", "sks",
+            "--class-word", "dog", "--steps", str(steps), "--lr", "3e-2", "--output", str(out),
+            "--format", fmt, "--rank", "4", "--alpha", "2", "--quiet", "--log-dir", "none", *extra]
+    assert main(argv) == 0
+    return out / "sks.safetensors"
+
+
+def _sdtune_image(model_dir, prompt, artifacts, out_png):
+    assert main(["generate", "--model", str(model_dir), "--prompt", prompt, "--artifacts", str(artifacts),
+                 "--steps", "5", "--seed", "3", "--output", str(out_png)]) == 0
+    from PIL import Image
+
+    return np.asarray(Image.open(out_png), dtype=np.float32) / 255
+
+
+def _diffusers_image(model_dir, lora_file, prompt):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(model_dir))
+    pipe.set_progress_bar_config(disable=True)
+    if lora_file is not None:
+        pipe.load_lora_weights(str(lora_file))
+    image = pipe(prompt, num_inference_steps=5, generator=torch.Generator().manual_seed(3)).images[0]
+    return np.asarray(image, dtype=np.float32) / 255
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_trained_lora_matches_diffusers_loader(tiny_pipeline_dirs, subject_dir, tmp_path, family, fmt):
+    model_dir = tiny_pipeline_dirs[family]
+    lora = _train_cli(model_dir, subject_dir, tmp_path / "out", fmt)
+    assert lora.is_file()
+    ours = _sdtune_image(model_dir, "a sks dog <lora:sks:1>", lora.parent, tmp_path / "ours.png")
+    theirs = _diffusers_image(model_dir, lora, "a sks dog")
+    base = _diffusers_image(model_dir, None, "a sks dog")
+    assert np.abs(ours - theirs).max() <= 1 / 255 + 1e-6
+    assert np.abs(ours - base).max() > 4 / 255, "the LoRA should visibly change the image"
+
+
+def test_weight_zero_gives_the_base_image(tiny_pipeline_dirs, subject_dir, tmp_path):
+    model_dir = tiny_pipeline_dirs["sd1"]
+    lora = _train_cli(model_dir, subject_dir, tmp_path / "out", "kohya")
+    zero = _sdtune_image(model_dir, "a sks dog <lora:sks:0>", lora.parent, tmp_path / "zero.png")
+    base = _sdtune_image(model_dir, "a sks dog", lora.parent, tmp_path / "base.png")
+    half = _sdtune_image(model_dir, "a sks dog <lora:sks:0.5>", lora.parent, tmp_path / "half.png")
+    assert np.array_equal(zero, base)
+    assert not np.array_equal(half, base)
+
+
+def _base_tensors(model):
+    """Every non-LoRA tensor, under its original name (peft moves wrapped weights to .base_layer)."""
+    tensors = {}
+    for component, module in model.components().items():
+        for key, value in module.state_dict().items():
+            if "lora_" not in key:
+                tensors[f"{component}.{key.replace('.base_layer', '')}"] = value.clone()
+    return tensors
+
+
+def _fixed_batch_loss(model, method_cfg, data_cfg):
+    """Loss on one fixed batch (fixed noise and timesteps) with the weights as they are."""
+    from accelerate import Accelerator
+
+    from sdtune.loss import draw_noise, per_sample_mse, training_target
+    from sdtune.trainset import build_training_set
+
+    cfg = TrainConfig(steps=1, seed=11)
+    examples = build_training_set(model, data_cfg, cfg, Accelerator(cpu=True))
+    batch = examples.batch([0, 1, 2, 3])
+    scheduler = model.noise_scheduler()
+    noise, t = draw_noise(tuple(batch.latents.shape[1:]), [100, 101, 102, 103], 5, 1000)
+    with torch.no_grad():
+        noisy = scheduler.add_noise(batch.latents, noise, t)
+        pred = model.unet(noisy, t, batch.conditioning.hidden_states).sample
+    return float(per_sample_mse(pred, training_target(scheduler, batch.latents, noise, t)).mean())
+
+
+def test_training_moves_only_lora_weights_and_lowers_the_loss(subject_dir, tmp_path):
+    model = load("tiny:sd1")
+    before = _base_tensors(model)
+    data_cfg = DataConfig(images=str(subject_dir), token="sks", class_word="dog")
+    method_cfg = LoRAConfig(rank=8, train_text_encoder=True)
+    method = LoRA(method_cfg)
+    method.setup(model, method_cfg)
+    loss_before = _fixed_batch_loss(model, method_cfg, data_cfg)
+    model2 = load("tiny:sd1")
+    result = train(model2, LoRA(method_cfg), method_cfg,
+                   TrainConfig(steps=30, lr=2e-2, batch_size=4, log_dir="none"), data_cfg, tmp_path, "sks",
+                   progress=False)
+    after = _base_tensors(model2)
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key], after[key]), f"{key} changed"
+    loss_after = _fixed_batch_loss(model2, method_cfg, data_cfg)
+    assert loss_after < loss_before * 0.9, (loss_before, loss_after)
+    assert result.trainable_params > 0 and result.paths[0].is_file()
+
+
+def test_resume_continues_exactly(subject_dir, tmp_path):
+    from sdtune.artifacts import load_artifact
+
+    common = dict(steps=6, lr=1e-2, batch_size=2, lr_scheduler="cosine", log_dir="none")
+    data_cfg = DataConfig(images=str(subject_dir), token="sks", class_word="dog", flip=True, center_crop=False)
+    cfg = LoRAConfig(rank=4, dropout=0.1, format="sdtune")
+    full = tmp_path / "full"
+    train(load("tiny:sd1"), LoRA(cfg), cfg, TrainConfig(checkpoint_every=3, **common), data_cfg, full, "a",
+          progress=False)
+    checkpoint = full / "checkpoints" / "step-000003"
+    assert checkpoint.is_dir()
+    resumed = tmp_path / "resumed"
+    train(load("tiny:sd1"), LoRA(cfg), cfg, TrainConfig(resume=str(checkpoint), **common), data_cfg, resumed,
+          "a", progress=False)
+    a, _ = load_artifact(full / "a.safetensors")
+    b, _ = load_artifact(resumed / "a.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
