@@ -53,6 +53,7 @@ class TrainConfig:
 
     steps: int = opt(500, "optimizer steps", min=1)
     lr: float = opt(1e-4, "learning rate", min=0.0, max=10.0)
+    scale_lr: bool = opt(False, "multiply the learning rate by the global batch size")
     batch_size: int = opt(1, "images per step per process", min=1)
     grad_accum: int = opt(1, "micro-batches accumulated per optimizer step", min=1)
     seed: int = opt(0, "seed for noise, timesteps, data order and initialisation", min=0)

@@ -186,8 +186,13 @@ def _detect_family(unet, encoders) -> str:
     return "sd1"
 
 
-def build_from_config(spec: str, dtype: torch.dtype | None = None, seed: int = 0) -> SDModel:
-    """Build a random-init model of a known architecture (tiny:* for tests, random:* for benchmarks)."""
+def build_from_config(spec: str, dtype: torch.dtype | None = None, seed: int = 0,
+                      device: str | torch.device = "cpu") -> SDModel:
+    """Build a random-init model of a known architecture (tiny:* for tests, random:* for benchmarks).
+
+    device="meta" gives the structure without memory (layer names and shapes, e.g. to convert files);
+    device="cuda" initialises full-size benchmark models directly on the GPU.
+    """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -200,7 +205,7 @@ def build_from_config(spec: str, dtype: torch.dtype | None = None, seed: int = 0
     arch = ARCHITECTURES[spec]
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp, TINY_WORDS))
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(**arch["unet"])
         vae = AutoencoderKL(**arch["vae"])
@@ -223,3 +228,13 @@ def build_from_config(spec: str, dtype: torch.dtype | None = None, seed: int = 0
         if dtype is not None:
             module.to(dtype)
     return model
+
+
+FAMILY_ARCHITECTURE = {"sd1": "random:sd15", "sd2": "random:sd2", "sdxl": "random:sdxl"}
+
+
+def architecture(family: str) -> SDModel:
+    """The standard full-size architecture of a family, on the meta device (names and shapes only)."""
+    if family not in FAMILY_ARCHITECTURE:
+        raise SdtuneError(f"Cannot tell which model family this file is for; pass --model with its base model.")
+    return build_from_config(FAMILY_ARCHITECTURE[family], device="meta")

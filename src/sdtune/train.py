@@ -8,6 +8,7 @@ loss, accumulate, synchronise gradients across processes, clip, update; checkpoi
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +50,8 @@ def train(model, method, method_cfg, train_cfg: TrainConfig, data_cfg: DataConfi
     torch.manual_seed(train_cfg.seed)
     model.to(device, weight_dtype if device.type == "cuda" else None)
     model.vae.to(dtype=torch.float32)  # SDXL's VAE overflows in fp16; it runs once per image anyway
-    params = method.setup(model, method_cfg)
+    param_groups = _as_param_groups(method.setup(model, method_cfg))
+    params = [p for group in param_groups for p in group["params"]]
     for param in params:
         param.data = param.data.float()  # trainable values always in fp32
     if train_cfg.gradient_checkpointing:
@@ -57,11 +59,13 @@ def train(model, method, method_cfg, train_cfg: TrainConfig, data_cfg: DataConfi
     noise_scheduler = model.noise_scheduler()
 
     # 2. Examples: latents and text conditioning computed once where nothing about them changes.
-    examples = build_training_set(model, data_cfg, train_cfg, accelerator)
+    templates = method.prompt_templates(model) if hasattr(method, "prompt_templates") else None
+    examples = build_training_set(model, data_cfg, train_cfg, accelerator, templates)
     global_batch = train_cfg.batch_size * train_cfg.grad_accum * world
 
     # 3. Optimizer and schedule; resume restores them with the trained values and the step.
-    optimizer, lr_schedule = _make_optimizer(params, train_cfg, device)
+    base_lr = train_cfg.lr * (global_batch if train_cfg.scale_lr else 1)
+    optimizer, lr_schedule = _make_optimizer(param_groups, base_lr, train_cfg, device)
     optimizer = accelerator.prepare(optimizer)
     start_step, losses = 0, []
     if train_cfg.resume:
@@ -79,6 +83,10 @@ def train(model, method, method_cfg, train_cfg: TrainConfig, data_cfg: DataConfi
                                      accelerator)
             accelerator.backward(loss)
             step_loss += loss.detach()
+        loss_value = float(accelerator.reduce(step_loss, "sum")) if world > 1 else float(step_loss)
+        if not math.isfinite(loss_value):  # stop before a NaN reaches the weights; checkpoints stay good
+            raise SdtuneError(f"Training diverged at step {step + 1} (loss is {loss_value}); lower --lr or "
+                              "tighten --max-grad-norm, then resume from the last checkpoint.")
         sum_gradients_across_processes(accelerator, params)
         if train_cfg.max_grad_norm > 0:
             accelerator.clip_grad_norm_(params, train_cfg.max_grad_norm)
@@ -86,7 +94,6 @@ def train(model, method, method_cfg, train_cfg: TrainConfig, data_cfg: DataConfi
         lr_schedule.step()
         optimizer.zero_grad(set_to_none=True)
 
-        loss_value = float(accelerator.reduce(step_loss, "sum")) if world > 1 else float(step_loss)
         losses.append(loss_value)
         bar.set_postfix(loss=f"{loss_value:.4f}")
         bar.update(1)
@@ -136,10 +143,18 @@ def _micro_batch_loss(model, examples: TrainingSet, positions: list[int], noise_
     return combine(losses, is_class, cfg.prior_loss_weight, global_batch, n_class)
 
 
-def _make_optimizer(params, cfg: TrainConfig, device):
+def _as_param_groups(trainable) -> list[dict]:
+    """Methods return parameters or optimizer param groups; the loop always works with groups."""
+    trainable = list(trainable)
+    if trainable and isinstance(trainable[0], dict):
+        return trainable
+    return [{"params": trainable}]
+
+
+def _make_optimizer(param_groups: list[dict], lr: float, cfg: TrainConfig, device):
     from diffusers.optimization import get_scheduler
 
-    if not params:
+    if not any(group["params"] for group in param_groups):
         raise SdtuneError("The method has nothing to train; check its settings.")
     optimizer_cls = torch.optim.AdamW
     if cfg.use_8bit_adam:
@@ -150,7 +165,7 @@ def _make_optimizer(params, cfg: TrainConfig, device):
         except ImportError:
             raise SdtuneError("use_8bit_adam needs bitsandbytes: pip install bitsandbytes.") from None
         optimizer_cls = bnb.optim.AdamW8bit
-    optimizer = optimizer_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = optimizer_cls(param_groups, lr=lr, weight_decay=cfg.weight_decay)
     schedule = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                              num_training_steps=cfg.steps)
     return optimizer, schedule

@@ -64,10 +64,11 @@ class TrainingSet:
     """Latents (cached when deterministic) and text conditioning (cached when the encoder is frozen)."""
 
     def __init__(self, model, instance: ExampleStream, class_: ExampleStream | None, seed: int, device,
-                 cache_latents: bool, instance_prompt: str):
+                 cache_latents: bool, instance_prompt: str, templates: list[str] | None = None):
         self.model, self.instance, self.class_ = model, instance, class_
         self.seed, self.device = seed, device
         self.instance_prompt = instance_prompt
+        self.templates = templates
         self.text_trains = any(p.requires_grad for e in model.text_encoders for p in e.parameters())
         self._latent_cache: dict[tuple[int, int], torch.Tensor] = {}
         self._cache_latents = cache_latents
@@ -84,7 +85,12 @@ class TrainingSet:
 
     def _prompt(self, stream: ExampleStream, position: int) -> str:
         _, index = stream.slot(position)
-        return stream.dataset.prompts[index % len(stream.dataset.records)]
+        record = index % len(stream.dataset.records)
+        if self.templates and stream is self.instance:
+            # Methods with template lists (Textual Inversion) vary the wording per sample, seeded.
+            pick = sample_seed(self.seed + 13, position) % len(self.templates)
+            return self.templates[pick]
+        return stream.dataset.prompts[record]
 
     @torch.no_grad()
     def _latents(self, stream: ExampleStream, position: int, noise_pos: int, is_class: bool) -> torch.Tensor:
@@ -118,8 +124,10 @@ class TrainingSet:
         return Conditioning.cat([self._cond_cache[p] for p in prompts])
 
 
-def build_training_set(model, data_cfg: DataConfig, train_cfg: TrainConfig, accelerator) -> TrainingSet:
-    """Load the subject (and class) images and wrap them for the loop."""
+def build_training_set(model, data_cfg: DataConfig, train_cfg: TrainConfig, accelerator,
+                       templates: list[str] | None = None) -> TrainingSet:
+    """Load the subject (and class) images and wrap them for the loop; `templates` (with {token} and
+    {class_word}) replace the single instance template unless the user gave captions or a template."""
     if not data_cfg.images:
         raise SdtuneError("No image folder given: pass --images DIR with the subject's pictures.")
     resolution = data_cfg.resolution or model.resolution
@@ -143,9 +151,12 @@ def build_training_set(model, data_cfg: DataConfig, train_cfg: TrainConfig, acce
             class_set.prompts = [" ".join(p.split()) for p in class_set.prompts]  # token removed
         class_stream = ExampleStream(class_set, train_cfg.seed + 1, train_cfg.batch_size)
     cache = train_cfg.cache_latents and not instance.augmentation_is_random
-    prompt = instance.prompts[0]
+    filled = None
+    if templates and not data_cfg.prompt_template and not data_cfg.use_captions:
+        filled = [t.replace("{token}", data_cfg.token).replace("{class_word}", data_cfg.class_word) for t in templates]
+    prompt = filled[0] if filled else instance.prompts[0]
     return TrainingSet(model, ExampleStream(instance, train_cfg.seed, train_cfg.batch_size), class_stream,
-                       train_cfg.seed, accelerator.device, cache, prompt)
+                       train_cfg.seed, accelerator.device, cache, prompt, filled)
 
 
 def default_template(model) -> str:

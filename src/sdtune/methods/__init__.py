@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import ClassVar, Protocol
 
 import torch
 
 from ..errors import SdtuneError
+
+# CLI name -> (module in sdtune.methods, class name); imported lazily so the CLI starts fast.
+METHODS: dict[str, tuple[str, str]] = {
+    "lora": ("lora", "LoRA"),
+    "textual-inversion": ("textual_inversion", "TextualInversion"),
+    "dreambooth": ("dreambooth", "DreamBooth"),
+    "hypernetwork": ("hypernetwork", "Hypernetwork"),
+}
 
 
 class Method(Protocol):
@@ -16,8 +25,9 @@ class Method(Protocol):
     name: ClassVar[str]
     config_class: ClassVar[type]
 
-    def setup(self, model, cfg) -> list[torch.nn.Parameter]:
-        """Freeze the model, inject what trains, return the trainable parameters."""
+    def setup(self, model, cfg) -> list[torch.nn.Parameter] | list[dict]:
+        """Freeze the model, inject what trains, return the trainable parameters (or optimizer param
+        groups: dicts with "params" and optionally "lr" / "stop_after" (a step after which they freeze))."""
 
     def state_dict(self, model) -> dict[str, torch.Tensor]:
         """The trained values under canonical keys (component-prefixed module paths)."""
@@ -31,15 +41,20 @@ class Method(Protocol):
     def apply(self, model, state: dict[str, torch.Tensor], weight: float = 1.0, name: str = "") -> None:
         """Inference: inject the learned state into `model`, scaled by `weight`."""
 
-    def save(self, model, out_dir: Path, name: str, card: dict[str, str], fmt: str) -> list[Path]:
+    def save(self, model, out_dir: Path, name: str, card: dict[str, str], fmt: str | None) -> list[Path]:
         """Write the artifact(s) atomically; return the paths written."""
 
 
 def registry() -> dict[str, type]:
-    """Method classes by CLI name; imported lazily so the CLI starts fast."""
-    from .lora import LoRA
-
-    return {cls.name: cls for cls in (LoRA,)}
+    """The method classes that are available, by CLI name."""
+    found = {}
+    for name, (module, cls) in METHODS.items():
+        try:
+            found[name] = getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{module}":
+                raise
+    return found
 
 
 def get(name: str) -> type:

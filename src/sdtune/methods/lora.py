@@ -167,6 +167,37 @@ class LoRA:
         return tensors
 
 
+    @staticmethod
+    def recognises(obj, metadata: dict[str, str]) -> bool:
+        from ..formats.lora import detect_lora_format
+
+        if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return False
+        try:
+            detect_lora_format(obj)
+        except SdtuneError:
+            return False
+        return True
+
+    @classmethod
+    def convert(cls, obj, metadata: dict[str, str], src: Path, dst: Path, to: str, model_spec: str | None) -> Path:
+        """Re-encode a LoRA file in another layout; the run card and other header fields travel along."""
+        from ..artifacts import save_artifact
+        from ..formats.lora import LORA_ADAPTER_METADATA_KEY, lora_family_hints
+        from ..model import architecture, load
+
+        if to not in LAYOUTS:
+            raise SdtuneError(f"A LoRA converts to {', '.join(LAYOUTS)}, not {to}.")
+        model = load(model_spec) if model_spec else architecture(lora_family_hints(obj, metadata)["family"])
+        state = cls().decode_file(model, obj, metadata, src)
+        tensors, extra = encode_state(state, to, model)
+        kept = {k: v for k, v in metadata.items() if k not in (LORA_ADAPTER_METADATA_KEY, "format")}
+        return save_artifact(dst, tensors, {**kept, **extra})
+
+
+LAYOUTS = ("sdtune", "diffusers", "kohya")
+
+
 def encode_state(state: dict[str, torch.Tensor], fmt: str, model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Canonical state -> (tensors, extra header metadata) in the requested file layout."""
     from ..formats.lora import to_diffusers, to_kohya
