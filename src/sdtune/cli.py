@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        _quiet_libraries()
         return args.handler(args) or 0
     except SdtuneError as exc:
         print(f"sdtune: error: {exc}", file=sys.stderr)
@@ -29,6 +30,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sdtune: interrupted", file=sys.stderr)
         return 130
+
+
+def _quiet_libraries() -> None:
+    """Library loading bars and warnings would bury sdtune's own one-line messages."""
+    import os
+    import warnings
+
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
 
 
 def build_parser() -> argparse.ArgumentParser:

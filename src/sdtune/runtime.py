@@ -25,10 +25,14 @@ def resolve_device(choice: str) -> str:
 def make_accelerator(cfg):
     """An Accelerator on the chosen device; multi-process when launched by torchrun/accelerate launch."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     device = resolve_device(cfg.device)
     if cfg.mixed_precision == "fp16" and device == "cpu":
         raise SdtuneError("mixed_precision fp16 is not supported on the CPU; use bf16 or no.")
+    # accelerate keeps precision in a process-wide singleton; each run (tests, the UI) sets its own.
+    # The process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     # Gradient accumulation is done by the loop itself (it also spans processes), so accelerate's is off.
     return Accelerator(cpu=device == "cpu", mixed_precision=cfg.mixed_precision)
 
