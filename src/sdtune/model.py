@@ -115,9 +115,9 @@ def load(spec: str, dtype: torch.dtype | None = None, config: str | None = None)
     """Load a model from a spec; `config` is a local diffusers folder for offline single-file loading."""
     spec = str(spec)
     if spec == "builtin":
-        from .toyworld import builtin_model_path
+        from .toyworld import builtin_path
 
-        return _load_pipeline_folder(builtin_model_path(), "builtin", dtype)
+        return _load_pipeline_folder(builtin_path(), "builtin", dtype)
     if spec.startswith(("tiny:", "random:")):
         return build_from_config(spec, dtype=dtype)
     path = Path(spec).expanduser()

@@ -48,6 +48,17 @@ _MODELSPEC_FAMILY = (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2", "s
 
 Modules = dict[tuple[str, str], dict[str, torch.Tensor]]
 
+# What kohya's trainer and the SAI model spec write for each family, so A1111, ComfyUI and model sites
+# show the base model (and sdtune's own family check works on files from elsewhere).
+KOHYA_BASE_VERSION: dict[str, str] = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+MODELSPEC_ARCH: dict[tuple[str, str], str] = {
+    ("sd1", "epsilon"): "stable-diffusion-v1",
+    ("sd2", "epsilon"): "stable-diffusion-v2-512",
+    ("sd2", "v_prediction"): "stable-diffusion-v2-768-v",
+    ("sdxl", "epsilon"): "stable-diffusion-xl-v1-base",
+}
+MODELSPEC_PREDICTION: dict[str, str] = {"epsilon": "epsilon", "v_prediction": "v"}
+
 
 def _file_path(component: str, path: str) -> str:
     """Module path as files spell it: text encoders always under `text_model.`."""
@@ -91,6 +102,24 @@ def is_sdxl_unet(unet_config: Mapping[str, Any] | None) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- kohya
+
+
+def ecosystem_metadata(state: Mapping[str, torch.Tensor], family: str, prediction_type: str) -> dict[str, str]:
+    """kohya `ss_*` and SAI `modelspec.*` header fields describing a LoRA (most common rank and alpha)."""
+    modules = _group(state)
+    rank = Counter(_rank(p) for p in modules.values()).most_common(1)[0][0]
+    alpha = Counter(_alpha(p) for p in modules.values()).most_common(1)[0][0]
+    arch = MODELSPEC_ARCH.get((family, prediction_type), MODELSPEC_ARCH.get((family, "epsilon"), ""))
+    return {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": f"{alpha:g}",
+        "ss_base_model_version": KOHYA_BASE_VERSION.get(family, ""),
+        "ss_v2": str(family == "sd2"),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{arch}/lora" if arch else "",
+        "modelspec.prediction_type": MODELSPEC_PREDICTION.get(prediction_type, prediction_type),
+    }
 
 
 def to_kohya(

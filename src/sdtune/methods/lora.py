@@ -200,13 +200,15 @@ LAYOUTS = ("sdtune", "diffusers", "kohya")
 
 def encode_state(state: dict[str, torch.Tensor], fmt: str, model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Canonical state -> (tensors, extra header metadata) in the requested file layout."""
-    from ..formats.lora import to_diffusers, to_kohya
+    from ..formats.lora import ecosystem_metadata, to_diffusers, to_kohya
 
+    extra = ecosystem_metadata(state, model.family, model.prediction_type)
     if fmt == "kohya":
-        return to_kohya(state, model.unet.config), {}
+        return to_kohya(state, model.unet.config), extra
     if fmt == "diffusers":
-        return to_diffusers(state)
-    return state, {}
+        tensors, metadata = to_diffusers(state)
+        return tensors, {**extra, **metadata}
+    return state, extra
 
 
 def _split_by_component(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
