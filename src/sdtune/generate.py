@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .errors import SdtuneError
+from .prompt_embeds import pipeline_prompt_kwargs
 
 # Scheduler names users type, mapped to diffusers classes (and options) built from the model's config.
 SCHEDULERS = {
@@ -31,13 +33,14 @@ class GenerateOptions:
 
     negative_prompt: str = ""
     steps: int = 50
-    guidance: float = 7.5
+    guidance: float | None = None  # None: the pipeline's own default (7.5 for SD1/SD2, 5.0 for SDXL)
     seed: int = 0
     count: int = 1
     scheduler: str = ""
     width: int = 0
     height: int = 0
     artifact_dirs: list[Path] = field(default_factory=list)
+    clip_skip: int = 1  # A1111 meaning: 1 = the last layer, 2 = the penultimate, ...
 
 
 def make_scheduler(model, name: str):
@@ -67,16 +70,64 @@ def apply_prompt_artifacts(model, prompt: str, artifact_dirs: list[Path]) -> str
     return text
 
 
+EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
+
+
+def activate_embeddings(model, texts: list[str], artifact_dirs: list[Path]) -> list[str]:
+    """Load every Textual Inversion embedding whose name is written as a word in `texts` (earlier folders and
+    shallower files win); return the texts with those names spelled as registered, which lets the pipeline
+    expand a multi-vector name to all its vectors (tok -> "tok tok_1 tok_2", as diffusers does)."""
+    from .artifacts import load_artifact
+    from .formats.embeddings import detect, file_names
+    from .methods import get
+
+    method, active = get("textual-inversion")(), set()
+    for path in _artifact_files(artifact_dirs, EMBEDDING_SUFFIXES):
+        name = next((n for n in file_names(path) if n.lower() not in active and _word_in(n, texts)), None)
+        if name is None:
+            continue
+        obj, metadata = load_artifact(path)
+        if detect(obj) is None:
+            continue  # e.g. a hypernetwork .pt whose stem is also a word of the prompt
+        method.apply(model, method.decode_file(model, obj, metadata, path), name=name)
+        active.add(name.lower())
+    for name in active:
+        texts = [_word_pattern(name).sub(lambda _, n=name: n, t) for t in texts]
+    return texts
+
+
+def _word_pattern(name: str) -> re.Pattern:
+    """`name` as a whole word, any case (CLIP's tokenizer lower-cases prompts)."""
+    return re.compile(rf"(?<![\w-]){re.escape(name)}(?![\w-])", re.IGNORECASE)
+
+
+def _word_in(name: str, texts: list[str]) -> bool:
+    return any(_word_pattern(name).search(t) for t in texts)
+
+
+def _artifact_files(folders: list[Path], suffixes: tuple[str, ...]) -> list[Path]:
+    """Files with `suffixes` under each folder in order, shallowest first within a folder."""
+    found: list[Path] = []
+    for folder in map(Path, folders):
+        if folder.is_dir():
+            files = [p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes]
+            found += sorted(files, key=lambda p: (len(p.relative_to(folder).parts), str(p)))
+    return list(dict.fromkeys(found))
+
+
 @torch.no_grad()
 def generate(model, prompt: str, options: GenerateOptions) -> list:
     """Images (PIL) for `prompt`; the same seed gives the same images as a plain diffusers pipeline."""
     text = apply_prompt_artifacts(model, prompt, options.artifact_dirs)
+    text, negative = activate_embeddings(model, [text, options.negative_prompt], options.artifact_dirs)
     pipe = model.pipeline(make_scheduler(model, options.scheduler))
     pipe.set_progress_bar_config(disable=True)
-    size = {"width": options.width or None, "height": options.height or None}
-    result = pipe(text, negative_prompt=options.negative_prompt or None, num_inference_steps=options.steps,
-                  guidance_scale=options.guidance, num_images_per_prompt=options.count,
-                  generator=torch.Generator().manual_seed(options.seed), **size)
+    extra = {"width": options.width or None, "height": options.height or None}
+    if options.guidance is not None:
+        extra["guidance_scale"] = options.guidance
+    prompt_kwargs = pipeline_prompt_kwargs(model, text, negative, options.clip_skip)
+    result = pipe(**prompt_kwargs, num_inference_steps=options.steps, num_images_per_prompt=options.count,
+                  generator=torch.Generator().manual_seed(options.seed), **extra)
     return result.images
 
 
