@@ -77,10 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--artifacts", action="append", default=[], metavar="DIR",
                      help="folder to find artifacts in (repeatable; default: the current folder)")
     gen.add_argument("--steps", type=int, default=50)
-    gen.add_argument("--guidance", type=float, default=7.5)
+    gen.add_argument("--guidance", type=float, default=None,
+                     help="classifier-free guidance scale (default: the pipeline's, 7.5 on SD1/SD2, 5.0 on SDXL)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("-n", "--count", type=int, default=1)
     gen.add_argument("--scheduler", default="", help="scheduler name (default: the model's own)")
+    gen.add_argument("--clip-skip", type=int, default=1, help="A1111 clip skip: 1 = last text-encoder layer, 2 = penultimate")
     gen.add_argument("--width", type=int, default=0)
     gen.add_argument("--height", type=int, default=0)
     gen.add_argument("--output", required=True, help="image path (PNG/JPEG); with -n K also PATH-0 ... PATH-K-1")
@@ -96,6 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
     insp = sub.add_parser("inspect", help="print an artifact's format, tensors and run card")
     insp.add_argument("file")
     insp.set_defaults(handler=cmd_inspect)
+
+    ext = sub.add_parser("extract-lora", help="turn a fine-tuned model (e.g. DreamBooth) into a LoRA file")
+    ext.add_argument("--base", required=True, help="the model it was fine-tuned from (same specs as --model)")
+    ext.add_argument("--tuned", required=True, help="the fine-tuned model (pipeline folder or single file)")
+    ext.add_argument("--rank", type=int, required=True, help="LoRA rank r")
+    ext.add_argument("--alpha", type=float, default=0.0, help="LoRA alpha recorded in the file (0: alpha = rank)")
+    ext.add_argument("--targets", default="attn", help="UNet layer groups (attn, ff, conv) or module-name suffixes")
+    ext.add_argument("--text-encoder", action=argparse.BooleanOptionalAction, default=True,
+                     help="also extract the text encoders' attention projections where they changed")
+    ext.add_argument("--format", choices=("kohya", "diffusers", "sdtune"), default="kohya", help="file layout")
+    ext.add_argument("--model-config", help="local diffusers folder giving single-file checkpoints' architecture")
+    ext.add_argument("--output", required=True, help="the LoRA .safetensors file to write")
+    ext.set_defaults(handler=cmd_extract_lora)
     return parser
 
 
@@ -181,12 +196,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import GenerateOptions, generate, save_images
     from .model import load
 
-    if args.count < 1 or args.steps < 1:
-        raise SdtuneError("--count and --steps must be at least 1.")
+    if args.count < 1 or args.steps < 1 or args.clip_skip < 1:
+        raise SdtuneError("--count, --steps and --clip-skip must be at least 1.")
     model = load(args.model, config=args.model_config)
-    options = GenerateOptions(args.negative_prompt, args.steps, args.guidance, args.seed, args.count,
-                              args.scheduler, args.width, args.height,
-                              [Path(d) for d in (args.artifacts or ["."])])
+    options = GenerateOptions(negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
+                              seed=args.seed, count=args.count, scheduler=args.scheduler, width=args.width,
+                              height=args.height, artifact_dirs=[Path(d) for d in (args.artifacts or ["."])],
+                              clip_skip=args.clip_skip)
     for path in save_images(generate(model, args.prompt, options), args.output):
         print(path)
     return 0
@@ -203,6 +219,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .artifacts import describe_artifact
 
     print(describe_artifact(Path(args.file)))
+    return 0
+
+
+def cmd_extract_lora(args: argparse.Namespace) -> int:
+    from .extract_lora import extract_lora_file
+
+    print(extract_lora_file(args.base, args.tuned, args.rank, args.output, args.targets, args.format,
+                            args.text_encoder, args.alpha or None, args.model_config))
     return 0
 
 

@@ -42,9 +42,11 @@ class DataConfig:
     flip: bool = opt(False, "random horizontal flips")
     buckets: bool = opt(False, "aspect-ratio buckets instead of square crops")
     repeats: int = opt(1, "how many times each image appears per epoch", min=1)
-    class_images: str = opt("", "folder of class images for prior preservation (generated if short)")
+    class_images: str = opt("", "folder of class images for prior preservation; topped up with generated "
+                                "ones when short (default: OUTPUT/class_images)")
     num_class_images: int = opt(100, "class images wanted for prior preservation", min=1)
-    class_prompt: str = opt("", "prompt used to generate class images (default: built from the class word)")
+    class_prompt: str = opt("", "prompt for generating and training on class images (default: from the class word)")
+    class_image_steps: int = opt(50, "sampling steps per generated class image", min=1)
 
 
 @dataclass
@@ -70,6 +72,8 @@ class TrainConfig:
     prior_preservation: bool = opt(False, "add the class-image loss (DreamBooth prior preservation)")
     prior_loss_weight: float = opt(1.0, "weight of the class-image loss", min=0.0)
     cache_latents: bool = opt(True, "encode images once when no random augmentation is active")
+    ema_decay: float = opt(0.0, "keep an exponential moving average of the trained weights and save it "
+                                "(e.g. 0.9999; 0 disables)", min=0.0, max=1.0)
     checkpoint_every: int = opt(0, "save a resumable checkpoint every N steps (0: only at the end)", min=0)
     keep_checkpoints: int = opt(2, "how many checkpoints to keep", min=1)
     resume: str = opt("", "resume from a checkpoint folder, or 'latest'")

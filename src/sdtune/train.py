@@ -1,8 +1,9 @@
 """THE training loop, shared by all four methods. It never asks which method it is training.
 
-Read top to bottom: set up the device and the method, prepare examples (cached latents and text when
-possible), build the optimizer, resume if asked, then step: draw noise per sample, predict, weigh the
-loss, accumulate, synchronise gradients across processes, clip, update; checkpoint, validate, log; save.
+Read top to bottom: set up the device, the class images (prior preservation) and the method, prepare
+examples (cached latents and text when possible), build the optimizer, resume if asked, then step: freeze
+param groups past their stop step, draw noise per sample, predict, weigh the loss, accumulate, synchronise
+gradients across processes, clip, update, average (EMA); checkpoint, validate, log; save.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .errors import SdtuneError
 from .loss import combine, draw_noise, min_snr_weights, per_sample_mse, training_target
 from .runtime import make_accelerator, peak_memory_bytes, sum_gradients_across_processes
 from .trainset import TrainingSet, build_training_set
-from . import checkpoints
+from . import checkpoints, class_images
 
 
 @dataclass
@@ -46,34 +47,46 @@ def train(model, method, method_cfg, train_cfg: TrainConfig, data_cfg: DataConfi
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(train_cfg.mixed_precision, torch.float32)
 
-    # 1. The method decides what trains; frozen weights may be stored in the mixed-precision dtype.
-    torch.manual_seed(train_cfg.seed)
-    model.to(device, weight_dtype if device.type == "cuda" else None)
+    # 1. Class images come from the untouched base model; then the method decides what trains. Only
+    #    then are frozen weights stored in the mixed-precision dtype, so trained ones start exact.
+    model.fingerprint()  # the base weights' identity (run card, class-image cache), before anything changes
+    model.to(device)
     model.vae.to(dtype=torch.float32)  # SDXL's VAE overflows in fp16; it runs once per image anyway
+    class_records = _class_images(model, data_cfg, train_cfg, out_dir, accelerator, progress)
+    torch.manual_seed(train_cfg.seed)
+    if hasattr(method, "check_data"):
+        method.check_data(model, data_cfg)  # method-specific warnings about the data (e.g. a common token)
     param_groups = _as_param_groups(method.setup(model, method_cfg))
+    stops = [(group.pop("stop_after"), group["params"]) for group in param_groups if group.get("stop_after")]
     params = [p for group in param_groups for p in group["params"]]
     for param in params:
         param.data = param.data.float()  # trainable values always in fp32
+    if device.type == "cuda" and not getattr(method, "saves_frozen_weights", False):
+        _store_frozen_weights(model, weight_dtype)  # an artifact holding frozen weights keeps them exact
+        torch.cuda.reset_peak_memory_stats(device)  # peak memory measures training, not loading
     if train_cfg.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
     noise_scheduler = model.noise_scheduler()
 
     # 2. Examples: latents and text conditioning computed once where nothing about them changes.
     templates = method.prompt_templates(model) if hasattr(method, "prompt_templates") else None
-    examples = build_training_set(model, data_cfg, train_cfg, accelerator, templates)
+    examples = build_training_set(model, data_cfg, train_cfg, accelerator, templates, class_records)
     global_batch = train_cfg.batch_size * train_cfg.grad_accum * world
 
-    # 3. Optimizer and schedule; resume restores them with the trained values and the step.
-    base_lr = train_cfg.lr * (global_batch if train_cfg.scale_lr else 1)
-    optimizer, lr_schedule = _make_optimizer(param_groups, base_lr, train_cfg, device)
+    # 3. Optimizer and schedule; resume restores them with the trained values and the step. The EMA
+    #    starts from the weights as they are then (it is not part of checkpoints).
+    lr_scale = global_batch if train_cfg.scale_lr else 1
+    optimizer, lr_schedule = _make_optimizer(param_groups, lr_scale, train_cfg, device)
     optimizer = accelerator.prepare(optimizer)
     start_step, losses = 0, []
     if train_cfg.resume:
         start_step, losses = checkpoints.restore(out_dir, train_cfg.resume, method, model, optimizer, lr_schedule)
+    ema = _ema(params, train_cfg.ema_decay, start_step)
 
     bar = _progress(train_cfg.steps, start_step, progress and accelerator.is_main_process)
     logger = _tensorboard(out_dir, train_cfg, accelerator.is_main_process)
     for step in range(start_step, train_cfg.steps):
+        _freeze_finished_groups(stops, step)
         torch.manual_seed(train_cfg.seed * 100_003 + step)  # dropout etc. replay identically after a resume
         step_loss = torch.zeros((), device=device)
         for micro in range(train_cfg.grad_accum):
@@ -87,12 +100,15 @@ def train(model, method, method_cfg, train_cfg: TrainConfig, data_cfg: DataConfi
         if not math.isfinite(loss_value):  # stop before a NaN reaches the weights; checkpoints stay good
             raise SdtuneError(f"Training diverged at step {step + 1} (loss is {loss_value}); lower --lr or "
                               "tighten --max-grad-norm, then resume from the last checkpoint.")
-        sum_gradients_across_processes(accelerator, params)
+        training = [p for p in params if p.requires_grad]
+        sum_gradients_across_processes(accelerator, training)
         if train_cfg.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(params, train_cfg.max_grad_norm)
+            accelerator.clip_grad_norm_(training, train_cfg.max_grad_norm)
         optimizer.step()
         lr_schedule.step()
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(params)
 
         losses.append(loss_value)
         bar.set_postfix(loss=f"{loss_value:.4f}")
@@ -108,7 +124,9 @@ def train(model, method, method_cfg, train_cfg: TrainConfig, data_cfg: DataConfi
             _validation_image(model, examples, train_cfg, out_dir, done, logger)
     bar.close()
 
-    # 4. The artifact, with a run card that says how it was made.
+    # 4. The artifact (the averaged weights when EMA is on), with a run card that says how it was made.
+    if ema is not None:
+        ema.copy_to(params)
     wall = time.time() - started
     peak = peak_memory_bytes(device)
     paths: list[Path] = []
@@ -151,11 +169,51 @@ def _as_param_groups(trainable) -> list[dict]:
     return [{"params": trainable}]
 
 
-def _make_optimizer(param_groups: list[dict], lr: float, cfg: TrainConfig, device):
+def _store_frozen_weights(model, dtype: torch.dtype) -> None:
+    """Frozen weights (VAE aside) in the mixed-precision dtype, to save memory; trained ones stay fp32."""
+    for name, module in model.components().items():
+        if name != "vae":
+            for param in module.parameters():
+                if not param.requires_grad:
+                    param.data = param.data.to(dtype)
+
+
+def _freeze_finished_groups(stops: list[tuple[int, list]], step: int) -> None:
+    """Param groups past their `stop_after` step train no more: no gradient, so the optimizer skips them."""
+    for stop_after, group_params in stops:
+        if step >= stop_after:
+            for param in group_params:
+                param.requires_grad_(False)
+                param.grad = None
+
+
+def _ema(params: list, decay: float, start_step: int):
+    """diffusers' EMA of the trained weights (its decay warms up from 0), or None when disabled."""
+    if not decay:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel(params, decay=decay)
+    ema.optimization_step = start_step  # a resumed run continues the warm-up where it was
+    return ema
+
+
+def _class_images(model, data_cfg: DataConfig, train_cfg: TrainConfig, out_dir: Path, accelerator, progress: bool):
+    """Prior preservation's class images, topped up by the base model when short: the main process first,
+    so the other processes find them cached."""
+    if not train_cfg.prior_preservation:
+        return None
+    with accelerator.main_process_first():
+        return class_images.prepare(model, data_cfg, out_dir / "class_images", progress and accelerator.is_main_process)
+
+
+def _make_optimizer(param_groups: list[dict], lr_scale: float, cfg: TrainConfig, device):
+    """AdamW (8-bit on request) over the groups; a group's own lr is scaled like the base lr."""
     from diffusers.optimization import get_scheduler
 
     if not any(group["params"] for group in param_groups):
         raise SdtuneError("The method has nothing to train; check its settings.")
+    param_groups = [{**group, "lr": group["lr"] * lr_scale} if "lr" in group else group for group in param_groups]
     optimizer_cls = torch.optim.AdamW
     if cfg.use_8bit_adam:
         if device.type != "cuda":
@@ -165,7 +223,7 @@ def _make_optimizer(param_groups: list[dict], lr: float, cfg: TrainConfig, devic
         except ImportError:
             raise SdtuneError("use_8bit_adam needs bitsandbytes: pip install bitsandbytes.") from None
         optimizer_cls = bnb.optim.AdamW8bit
-    optimizer = optimizer_cls(param_groups, lr=lr, weight_decay=cfg.weight_decay)
+    optimizer = optimizer_cls(param_groups, lr=cfg.lr * lr_scale, weight_decay=cfg.weight_decay)
     schedule = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                              num_training_steps=cfg.steps)
     return optimizer, schedule

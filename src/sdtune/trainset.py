@@ -15,7 +15,8 @@ import torch
 from . import conditioning
 from .conditioning import Conditioning
 from .config import DataConfig, TrainConfig
-from .data import SubjectDataset, generator_for, load_image_folder
+from .class_images import class_prompt
+from .data import ImageRecord, SubjectDataset, generator_for, load_image_folder
 from .errors import SdtuneError
 from .loss import sample_seed
 
@@ -69,10 +70,15 @@ class TrainingSet:
         self.seed, self.device = seed, device
         self.instance_prompt = instance_prompt
         self.templates = templates
-        self.text_trains = any(p.requires_grad for e in model.text_encoders for p in e.parameters())
         self._latent_cache: dict[tuple[int, int], torch.Tensor] = {}
         self._cache_latents = cache_latents
         self._cond_cache: dict[str, Conditioning] = {}
+
+    @property
+    def text_trains(self) -> bool:
+        """Whether text conditioning must be recomputed (it can start being cached once a text encoder
+        stops training part-way through a run)."""
+        return any(p.requires_grad for e in self.model.text_encoders for p in e.parameters())
 
     def batch(self, positions: list[int]) -> Batch:
         items = [(self.instance, p, 2 * p, False) for p in positions]
@@ -125,30 +131,32 @@ class TrainingSet:
 
 
 def build_training_set(model, data_cfg: DataConfig, train_cfg: TrainConfig, accelerator,
-                       templates: list[str] | None = None) -> TrainingSet:
+                       templates: list[str] | None = None,
+                       class_records: list[ImageRecord] | None = None) -> TrainingSet:
     """Load the subject (and class) images and wrap them for the loop; `templates` (with {token} and
-    {class_word}) replace the single instance template unless the user gave captions or a template."""
+    {class_word}) replace the single instance template unless the user gave captions or a template.
+    With prior preservation the class images are `class_records` (see class_images.prepare) or, when not
+    given, the --class-images folder as it is; they are trained with the class prompt."""
     if not data_cfg.images:
         raise SdtuneError("No image folder given: pass --images DIR with the subject's pictures.")
     resolution = data_cfg.resolution or model.resolution
     template = data_cfg.prompt_template or default_template(model)
 
-    def dataset(folder: str, token: str, use_captions: bool) -> SubjectDataset:
-        return SubjectDataset(load_image_folder(folder), token, data_cfg.class_word, template=template,
+    def dataset(records: list[ImageRecord], token: str, use_captions: bool) -> SubjectDataset:
+        return SubjectDataset(records, token, data_cfg.class_word, template=template,
                               use_captions=use_captions, resolution=resolution,
                               random_crop=not data_cfg.center_crop, flip=data_cfg.flip,
                               repeats=data_cfg.repeats, buckets=data_cfg.buckets, seed=train_cfg.seed)
 
-    instance = dataset(data_cfg.images, data_cfg.token, data_cfg.use_captions)
+    instance = dataset(load_image_folder(data_cfg.images), data_cfg.token, data_cfg.use_captions)
     class_stream = None
     if train_cfg.prior_preservation:
-        if not data_cfg.class_images or not data_cfg.class_word:
-            raise SdtuneError("Prior preservation needs --class-word and --class-images DIR.")
-        class_set = dataset(data_cfg.class_images, "", False)
-        if data_cfg.class_prompt:
-            class_set.prompts = [data_cfg.class_prompt] * len(class_set.records)
-        else:
-            class_set.prompts = [" ".join(p.split()) for p in class_set.prompts]  # token removed
+        if class_records is None:
+            if not data_cfg.class_images or not data_cfg.class_word:
+                raise SdtuneError("Prior preservation needs --class-word and --class-images DIR.")
+            class_records = load_image_folder(data_cfg.class_images)
+        class_set = dataset(class_records, "", False)
+        class_set.prompts = [class_prompt(model, data_cfg)] * len(class_set.records)
         class_stream = ExampleStream(class_set, train_cfg.seed + 1, train_cfg.batch_size)
     cache = train_cfg.cache_latents and not instance.augmentation_is_random
     filled = None

@@ -1,0 +1,121 @@
+"""Class (prior-preservation) images: the user's own, topped up with images the base model generates.
+
+Generated images are cached in the class folder with a manifest recording each one's prompt, seed and the
+base model's fingerprint, so a later run with the same base model and prompt reuses them, and a run with
+another base model or prompt generates its own (the others stay on disk for when they fit again).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .data import IMAGE_EXTENSIONS, ImageRecord, load_image
+from .errors import SdtuneError
+
+MANIFEST = "sdtune-class-images.json"
+DEFAULT_CLASS_PROMPT = "a photo of a {class_word}"
+GUIDANCE = 7.5  # diffusers' pipeline default, as DreamBooth's reference script uses
+BATCH = 4
+
+
+@dataclass(frozen=True)
+class Generated:
+    """One manifest entry."""
+
+    file: str
+    prompt: str
+    seed: int
+    base_hash: str
+
+
+def class_prompt(model, data_cfg) -> str:
+    """The class prompt in words the base model knows: --class-prompt, the model's own template, or SD's."""
+    if data_cfg.class_prompt:
+        return data_cfg.class_prompt
+    template = model.extras.get("class_prompt_template", DEFAULT_CLASS_PROMPT)
+    return template.replace("{class_word}", data_cfg.class_word)
+
+
+def prepare(model, data_cfg, default_folder: Path, progress: bool = True) -> list[ImageRecord]:
+    """The class images to train with: the folder's own images, then cached or newly generated ones from
+    this base model, `num_class_images` in all."""
+    if not data_cfg.class_word and not data_cfg.class_prompt:
+        raise SdtuneError("Prior preservation needs --class-word (or --class-prompt) to know the class.")
+    folder = Path(data_cfg.class_images or default_folder)
+    if folder.exists() and not folder.is_dir():
+        raise SdtuneError(f"Class image folder {folder} is a file; pass a folder with --class-images.")
+    folder.mkdir(parents=True, exist_ok=True)
+    wanted, prompt, base = data_cfg.num_class_images, class_prompt(model, data_cfg), model.fingerprint()
+    manifest = _read_manifest(folder)
+    generated_files = {entry.file for entry in manifest}
+    own = [p for p in _image_files(folder) if p.name not in generated_files]
+    fitting = [e for e in manifest if e.prompt == prompt and e.base_hash == base and (folder / e.file).is_file()]
+    missing = wanted - len(own) - len(fitting)
+    if missing > 0:
+        used = {e.seed for e in fitting}
+        seeds = [s for s in range(wanted + len(used)) if s not in used][:missing]
+        resolution = data_cfg.resolution or model.resolution
+        fitting += _generate(model, folder, prompt, seeds, base, manifest, resolution,
+                             data_cfg.class_image_steps, progress)
+    files = (own + [folder / e.file for e in sorted(fitting, key=lambda e: e.seed)])[:wanted]
+    return [ImageRecord(path, *load_image(path).size) for path in files]  # validated; no captions
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+
+
+def _read_manifest(folder: Path) -> list[Generated]:
+    path = folder / MANIFEST
+    if not path.is_file():
+        return []
+    try:
+        return [Generated(**entry) for entry in json.loads(path.read_text(encoding="utf-8"))["images"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise SdtuneError(f"The class image manifest {path} is damaged ({exc}); delete it to start afresh.") from exc
+
+
+def _write_manifest(folder: Path, entries: list[Generated]) -> None:
+    """Atomic replace, so an interrupted run keeps every image it finished."""
+    path = folder / MANIFEST
+    tmp = path.with_name(f".{MANIFEST}.tmp")
+    tmp.write_text(json.dumps({"images": [e.__dict__ for e in entries]}, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def _generate(model, folder: Path, prompt: str, seeds: list[int], base: str, manifest: list[Generated],
+              resolution: int, steps: int, progress: bool) -> list[Generated]:
+    """Generate one image per seed (batched), saving each with its manifest entry as it is done."""
+    from tqdm.auto import tqdm
+
+    from .artifacts import atomic_write_via
+
+    pipe = model.pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    device, dtype = model.unet.device, model.unet.dtype
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "class"
+    made: list[Generated] = []
+    with tqdm(total=len(seeds), desc="class images", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        for start in range(0, len(seeds), BATCH):
+            chunk = seeds[start: start + BATCH]
+            generators = [torch.Generator().manual_seed(s) for s in chunk]
+            # Frozen weights may be in half precision while the VAE stays fp32: autocast bridges them.
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                images = pipe([prompt] * len(chunk), num_inference_steps=steps, guidance_scale=GUIDANCE,
+                              generator=generators, height=resolution, width=resolution).images
+            for seed, image in zip(chunk, images):
+                entry = Generated(f"{slug}-{base[:8]}-{seed:05d}.png", prompt, seed, base)
+                atomic_write_via(folder / entry.file, image.save)
+                manifest.append(entry)
+                made.append(entry)
+            _write_manifest(folder, manifest)
+            bar.update(len(chunk))
+    return made
