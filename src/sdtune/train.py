@@ -131,7 +131,7 @@ def train(model, method, method_cfg, train_cfg: TrainConfig, data_cfg: DataConfi
     peak = peak_memory_bytes(device)
     paths: list[Path] = []
     if accelerator.is_main_process:
-        card = run_card(method, model, train_cfg, data_cfg, method_cfg, wall, peak, losses)
+        card = run_card(method, model, train_cfg, data_cfg, method_cfg, wall, peak, losses, world)
         paths = method.save(model, out_dir, name, card, fmt)
         (out_dir / f"{name}.config.json").write_text(json.dumps(json.loads(card["config"]), indent=1))
     accelerator.wait_for_everyone()
@@ -230,9 +230,10 @@ def _make_optimizer(param_groups: list[dict], lr_scale: float, cfg: TrainConfig,
 
 
 def run_card(method, model, train_cfg, data_cfg, method_cfg, wall: float, peak: int,
-             losses: list[float]) -> dict[str, str]:
+             losses: list[float], world_size: int = 1) -> dict[str, str]:
     """Header metadata written into every artifact."""
     card = {
+        "world_size": str(world_size),
         "sdtune_version": __version__,
         "method": method.name,
         "base_model": model.source,

@@ -44,6 +44,13 @@ class Method(Protocol):
     def save(self, model, out_dir: Path, name: str, card: dict[str, str], fmt: str | None) -> list[Path]:
         """Write the artifact(s) atomically; return the paths written."""
 
+    # Optional capabilities the loop and tools use when a method has them (checked with hasattr):
+    #   check_data(model, data_cfg)        validate/warn about the data before setup (e.g. a common token)
+    #   prompt_templates(model) -> list    per-sample prompt wordings instead of one instance template
+    #   saves_frozen_weights: bool         the artifact holds frozen weights too: keep them full precision
+    #   decode_file(model, obj, metadata, path) -> state   read any file layout of this method
+    #   recognises(obj, metadata) / convert(obj, metadata, src, dst, to, model_spec)   for `sdtune convert`
+
 
 def registry() -> dict[str, type]:
     """The method classes that are available, by CLI name."""
