@@ -8,17 +8,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 
 from sdtune.data import (
-    BucketBatchSampler,
     ImageRecord,
-    PairedDataset,
     SubjectDataset,
     assign_bucket,
-    augmentation_is_random,
     build_prompt,
-    cache_latents,
     generator_for,
     load_image_folder,
     make_buckets,
@@ -238,19 +233,14 @@ def test_bucket_dataset_and_sampler(tmp_path) -> None:
         assert ds[i]["pixels"].shape == (3, h, w)
         rec = recs[i % 7]
         assert (w / h > 1) == (rec.width > rec.height) and (w == h) == (rec.width == rec.height)
-    sampler = BucketBatchSampler(keys, batch_size=3, seed=5)
-    batches = list(sampler)
-    assert len(batches) == len(sampler)
-    assert sorted(i for b in batches for i in b) == list(range(14))
-    assert all(len({keys[i] for i in b}) == 1 for b in batches)
-    assert batches == list(BucketBatchSampler(keys, batch_size=3, seed=5))
-    sampler.set_epoch(1)
-    assert list(sampler) != batches
-    dropped = BucketBatchSampler(keys, batch_size=3, seed=5, drop_last=True)
-    assert all(len(b) == 3 for b in dropped) and len(list(dropped)) == len(dropped)
-    loader = DataLoader(ds, batch_sampler=BucketBatchSampler(keys, batch_size=4, seed=0))
-    for batch in loader:
-        assert batch["pixels"].ndim == 4 and len(batch["prompt"]) == batch["pixels"].shape[0]
+    from sdtune.trainset import ExampleStream
+
+    stream = ExampleStream(ds, seed=5, batch_size=3)
+    for epoch in range(2):
+        order = [stream.slot(epoch * len(ds) + p)[1] for p in range(len(ds))]
+        assert len(order) == len(ds) and len(set(order)) >= len(ds) - 2 * 3  # short buckets are padded
+        micro_batches = [order[i: i + 3] for i in range(0, len(order) - len(order) % 3, 3)]
+        assert all(len({keys[i] for i in b}) == 1 for b in micro_batches), "a micro-batch mixes image sizes"
 
 
 # ------------------------------------------------------------------ dataset, repeats, caching, pairing
@@ -262,14 +252,14 @@ def test_dataset_items_repeats_and_epochs(tmp_path) -> None:
     (tmp_path / "1.txt").write_text("{token} close-up")
     recs = load_image_folder(tmp_path)
     ds = SubjectDataset(recs, "sks", "toy", template="a {token} {class_word}", resolution=16, repeats=4)
-    assert len(ds) == 12 and not ds.augmentation_is_random and not augmentation_is_random(ds)
+    assert len(ds) == 12 and not ds.augmentation_is_random
     assert [ds[i]["index"] for i in range(12)] == [0, 1, 2] * 4
     assert [ds[i]["prompt"] for i in range(3)] == ["a sks toy", "sks close-up", "a sks toy"]
     assert torch.equal(ds[0]["pixels"], ds[3]["pixels"])
     with pytest.raises(IndexError):
         ds[12]
     aug = SubjectDataset(recs, "sks", "toy", resolution=16, random_crop=True, flip=True, seed=7)
-    assert augmentation_is_random(aug)
+    assert aug.augmentation_is_random
     first = [aug[i]["pixels"] for i in range(3)]
     again = SubjectDataset(recs, "sks", "toy", resolution=16, random_crop=True, flip=True, seed=7)
     assert all(torch.equal(a, again[i]["pixels"]) for i, a in enumerate(first))
@@ -280,49 +270,3 @@ def test_dataset_items_repeats_and_epochs(tmp_path) -> None:
     assert changed
     with pytest.raises(SdtuneError, match="repeats"):
         SubjectDataset(recs, repeats=0)
-
-
-def test_cache_latents(tmp_path) -> None:
-    recs = load_image_folder(_bucket_folder(tmp_path))
-    ds = SubjectDataset(recs, "sks", "toy", resolution=32, buckets=True, repeats=2)
-    calls: list[int] = []
-
-    def encode(x: torch.Tensor) -> torch.Tensor:
-        calls.append(x.shape[0])
-        return torch.nn.functional.avg_pool2d(x, 8)
-
-    cached = cache_latents(ds, encode, batch_size=2)
-    assert sum(calls) == 7 and max(calls) <= 2  # each distinct image encoded once
-    assert len(cached) == len(ds) and not augmentation_is_random(cached)
-    for i in (0, 8, 13):
-        item = cached[i]
-        assert item["prompt"] == ds[i]["prompt"] and item["index"] == ds[i]["index"]
-        assert torch.allclose(item["latents"], torch.nn.functional.avg_pool2d(ds[i]["pixels"][None], 8)[0])
-    assert all(len({cached.bucket_keys()[i] for i in b}) == 1 for b in BucketBatchSampler(cached.bucket_keys(), 3))
-    with pytest.raises(SdtuneError, match="cache"):
-        cache_latents(SubjectDataset(recs, resolution=32, flip=True), encode, 2)
-
-
-def test_paired_dataset_cycles_class_images_at_instance_size(tmp_path) -> None:
-    inst_dir, cls_dir = tmp_path / "inst", tmp_path / "cls"
-    inst_dir.mkdir(), cls_dir.mkdir()
-    _half_red_blue(64, 32).save(inst_dir / "wide.png")
-    _half_red_blue(32, 32).save(inst_dir / "square.png")
-    for i in range(5):
-        Image.new("RGB", (40, 40), (i * 40, 0, 0)).save(cls_dir / f"c{i}.png")
-    inst = SubjectDataset(load_image_folder(inst_dir), "sks", "toy", resolution=16, buckets=True)
-    cls = SubjectDataset(load_image_folder(cls_dir), "", "toy", template="{class_word}", resolution=16)
-    paired = PairedDataset(inst, cls)
-    assert len(paired) == 2
-    seen = []
-    for epoch in range(3):
-        paired.set_epoch(epoch)
-        for i in range(len(paired)):
-            item = paired[i]
-            assert item["class_pixels"].shape == item["pixels"].shape
-            assert item["prompt"] == "sks toy" and item["class_prompt"] == "toy"
-            seen.append(item["class_index"])
-    assert seen == [0, 1, 2, 3, 4, 0]
-    assert paired.bucket_keys() == inst.bucket_keys()
-    batch = next(iter(DataLoader(paired, batch_size=1)))
-    assert set(batch) == {"pixels", "prompt", "index", "class_pixels", "class_prompt", "class_index"}

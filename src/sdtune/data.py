@@ -7,7 +7,7 @@ training starts. All randomness comes from an explicit seed or `torch.Generator`
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from sdtune.errors import SdtuneError
 
@@ -203,47 +203,6 @@ def assign_bucket(width: int, height: int, buckets: Sequence[Size]) -> Size:
     return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - target), -b[0] * b[1]))
 
 
-class BucketBatchSampler(Sampler[list[int]]):
-    """Yields batches of dataset indices that all share one bucket key; order is a function of (seed, epoch).
-
-    Pass the per-index keys (e.g. `dataset.bucket_keys()`); call `set_epoch` each epoch for a fresh order.
-    """
-
-    def __init__(
-        self, keys: Sequence[Hashable], batch_size: int, seed: int = 0, shuffle: bool = True, drop_last: bool = False
-    ) -> None:
-        if batch_size < 1:
-            raise SdtuneError(f"batch size {batch_size} must be at least 1: raise it.")
-        self.groups = {key: [i for i, k in enumerate(keys) if k == key] for key in dict.fromkeys(keys)}
-        self.batch_size, self.seed, self.shuffle, self.drop_last, self.epoch = batch_size, seed, shuffle, drop_last, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the shuffle order for this epoch."""
-        self.epoch = epoch
-
-    def _batches(self) -> list[list[int]]:
-        """Shuffle within each bucket, cut into batches, shuffle the batch order (all from (seed, epoch))."""
-        gen = generator_for(self.seed, self.epoch, 0xB0C4)
-        batches: list[list[int]] = []
-        for key in sorted(self.groups, key=repr):
-            idx = self.groups[key]
-            if self.shuffle:
-                idx = [idx[j] for j in torch.randperm(len(idx), generator=gen).tolist()]
-            for s in range(0, len(idx), self.batch_size):
-                chunk = idx[s : s + self.batch_size]
-                if len(chunk) == self.batch_size or not self.drop_last:
-                    batches.append(chunk)
-        if self.shuffle:
-            batches = [batches[j] for j in torch.randperm(len(batches), generator=gen).tolist()]
-        return batches
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(self._batches())
-
-    def __len__(self) -> int:
-        return len(self._batches())
-
-
 class SubjectDataset(Dataset):
     """Training examples {"pixels": [3,H,W] in [-1,1], "prompt": str, "index": image index} from image records.
 
@@ -305,95 +264,3 @@ class SubjectDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return self.get(i)
-
-
-class LatentDataset(Dataset):
-    """Cached VAE latents: items {"latents", "prompt", "index"}, same length and order as the source dataset."""
-
-    def __init__(self, latents: Sequence[torch.Tensor], prompts: Sequence[str], repeats: int) -> None:
-        self.latents, self.prompts, self.repeats = list(latents), list(prompts), repeats
-        self.augmentation_is_random = False
-
-    def __len__(self) -> int:
-        return len(self.latents) * self.repeats
-
-    def bucket_keys(self) -> list[tuple[int, ...]]:
-        """Latent shapes per item, so BucketBatchSampler keeps batches shape-uniform."""
-        return [tuple(self.latents[i % len(self.latents)].shape) for i in range(len(self))]
-
-    def __getitem__(self, i: int) -> dict:
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        n = i % len(self.latents)
-        return {"latents": self.latents[n], "prompt": self.prompts[n], "index": n}
-
-
-def augmentation_is_random(dataset: Dataset) -> bool:
-    """Whether a dataset's items change between epochs (then latents cannot be cached)."""
-    return bool(getattr(dataset, "augmentation_is_random", True))
-
-
-@torch.no_grad()
-def cache_latents(dataset: SubjectDataset, encode: Callable[[Tensor], Tensor], batch_size: int = 4) -> LatentDataset:
-    """Encode each distinct image once with `encode` ([B,3,H,W] -> [B,C,h,w]) and return a LatentDataset.
-
-    Refused when augmentation is random, because a cached latent would freeze one crop/flip forever.
-    Images are batched per bucket size; latents are stored on the CPU.
-    """
-    if augmentation_is_random(dataset):
-        raise SdtuneError("latents cannot be cached while random crop or flip is on: turn those or caching off.")
-    latents: dict[int, torch.Tensor] = {}
-    for key in sorted(set(dataset.sizes)):
-        idx = [i for i, size in enumerate(dataset.sizes) if size == key]
-        for chunk in (idx[s : s + max(1, batch_size)] for s in range(0, len(idx), max(1, batch_size))):
-            out = encode(torch.stack([dataset[i]["pixels"] for i in chunk]))
-            latents.update({i: out[j].detach().cpu() for j, i in enumerate(chunk)})
-    return LatentDataset([latents[i] for i in range(len(dataset.records))], dataset.prompts, dataset.repeats)
-
-
-class PairedDataset(Dataset):
-    """Instance items paired with class (prior-preservation) items for DreamBooth.
-
-    Item i is the instance item plus the class item's keys prefixed "class_" (class_pixels or class_latents,
-    class_prompt, class_index). The class set is cycled with an epoch offset so every class image gets used; class
-    pixels are rendered at the instance item's size, so a single-bucket batch stays one shape.
-    """
-
-    def __init__(self, instance: Dataset, class_: Dataset) -> None:
-        if len(class_) == 0:
-            raise SdtuneError("the class image set is empty: add class images or turn off prior preservation.")
-        self.instance, self.class_, self.epoch = instance, class_, 0
-
-    @property
-    def augmentation_is_random(self) -> bool:
-        """True when either side changes between epochs."""
-        return augmentation_is_random(self.instance) or augmentation_is_random(self.class_)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Propagate the epoch to both sides and move the class cycle on."""
-        self.epoch = epoch
-        for ds in (self.instance, self.class_):
-            getattr(ds, "set_epoch", lambda _: None)(epoch)
-
-    def __len__(self) -> int:
-        return len(self.instance)
-
-    def bucket_keys(self) -> list[Hashable]:
-        """The instance side's keys: the class side follows the instance item's size."""
-        return self.instance.bucket_keys()
-
-    def __getitem__(self, i: int) -> dict:
-        item = dict(self.instance[i])
-        j = (self.epoch * len(self.instance) + i) % len(self.class_)
-        if "pixels" in item:  # pixels: render the class image at the instance item's size
-            h, w = item["pixels"].shape[-2:]
-            other = self.class_.get(j, size=(w, h))
-        else:  # cached latents are fixed: they must already agree
-            other = self.class_[j]
-            if other["latents"].shape != item["latents"].shape:
-                raise SdtuneError(
-                    f"cached class latents {tuple(other['latents'].shape)} differ from instance latents "
-                    f"{tuple(item['latents'].shape)}: turn off buckets or latent caching for prior preservation."
-                )
-        item.update({f"class_{k}": v for k, v in other.items()})
-        return item
