@@ -32,16 +32,19 @@ def test_noise_depends_only_on_seed_and_position():
 
 
 def test_splitting_the_batch_gives_the_same_weights(tmp_path, subject_dir):
-    whole, _ = _lora_run(tmp_path / "whole", subject_dir, batch_size=4, grad_accum=1)
-    split, _ = _lora_run(tmp_path / "split", subject_dir, batch_size=2, grad_accum=2)
-    single, _ = _lora_run(tmp_path / "single", subject_dir, batch_size=1, grad_accum=4)
-    # Float sums in another order differ in the last bits, which Adam's normalisation can magnify for
-    # near-zero gradients; the tolerance is 100x below how far the weights moved.
+    whole, whole_run = _lora_run(tmp_path / "whole", subject_dir, batch_size=4, grad_accum=1)
+    split, split_run = _lora_run(tmp_path / "split", subject_dir, batch_size=2, grad_accum=2)
+    single, single_run = _lora_run(tmp_path / "single", subject_dir, batch_size=1, grad_accum=4)
+    # The same samples with the same noise: the losses agree to float precision.
+    torch.testing.assert_close(torch.tensor(split_run.losses), torch.tensor(whole_run.losses), rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(single_run.losses), torch.tensor(whole_run.losses), rtol=1e-5, atol=0)
+    # Float sums in another order differ in the last bits, which Adam's normalisation magnifies for
+    # near-zero gradients (up to ~lr per step), so weights are compared 25x below how far they moved.
     moved = max(whole[k].abs().max().item() for k in whole if k.endswith("lora_B.weight"))
     assert moved > 5e-3, "training moved nothing"
     for key in whole:
-        torch.testing.assert_close(whole[key], split[key], rtol=1e-3, atol=5e-5)
-        torch.testing.assert_close(whole[key], single[key], rtol=1e-3, atol=5e-5)
+        torch.testing.assert_close(whole[key], split[key], rtol=1e-3, atol=2e-4)
+        torch.testing.assert_close(whole[key], single[key], rtol=1e-3, atol=2e-4)
 
 
 def test_loop_options_run_and_write_validation_images_and_logs(tmp_path, subject_dir):
