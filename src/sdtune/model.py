@@ -116,8 +116,11 @@ def load(spec: str, dtype: torch.dtype | None = None, config: str | None = None)
     spec = str(spec)
     if spec == "builtin":
         from .toyworld import builtin_path
+        from .toyworld.conventions import prompt_conventions
 
-        return _load_pipeline_folder(builtin_path(), "builtin", dtype)
+        model = _load_pipeline_folder(builtin_path(), "builtin", dtype)
+        model.extras.update(prompt_conventions())
+        return model
     if spec.startswith(("tiny:", "random:")):
         return build_from_config(spec, dtype=dtype)
     path = Path(spec).expanduser()
