@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/sdtune demo --output $(OUT)
+	$(BIN)/sdtune compare --output $(OUT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -12,6 +12,7 @@ from sdtune.methods.dreambooth import DreamBooth, DreamBoothConfig, token_proble
 from sdtune.model import load
 from sdtune.train import _make_optimizer, _micro_batch_loss, train
 from sdtune.trainset import build_training_set
+from sdtune.unet_runner import UNetRunner
 
 
 def _state(module):
@@ -52,14 +53,15 @@ def test_prior_preservation_loss_sums_instance_and_weighted_class_terms(subject_
     per_sample = per_sample_mse(pred, training_target(scheduler, batch.latents, noise, t))
     instance, prior = per_sample[:2].mean().item(), per_sample[2:].mean().item()
     assert abs(instance - prior) > 1e-3
+    unet = UNetRunner(model.unet, "off", [])  # the loop's eager UNet call
     for weight in (0.0, 1.0, 2.5):
         cfg = TrainConfig(prior_preservation=True, prior_loss_weight=weight, batch_size=2)
         with torch.no_grad():
-            loss = _micro_batch_loss(model, examples, [0, 1], scheduler, cfg, 2, accelerator).item()
+            loss = _micro_batch_loss(unet, examples, [0, 1], scheduler, cfg, 2, accelerator).item()
         assert loss == pytest.approx(instance + weight * prior, rel=1e-5)
     without = TrainConfig(prior_preservation=False, batch_size=2)
     with torch.no_grad():
-        assert _micro_batch_loss(model, examples, [0, 1], scheduler, without, 2, accelerator).item() == \
+        assert _micro_batch_loss(unet, examples, [0, 1], scheduler, without, 2, accelerator).item() == \
             pytest.approx(instance, rel=1e-5)
 
 

@@ -101,6 +101,21 @@ def _fsync(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
+def _refuse_special(path: Path) -> None:
+    """Refuse a target that exists but is no regular file (a device such as /dev/full, a pipe, a folder, a
+    dangling link): the rename that ends an atomic write would replace it, e.g. a device node, as root."""
+    if os.path.lexists(path) and not path.is_file():
+        raise SdtuneError(f"Could not write {path}: something other than a regular file (a device, pipe, folder "
+                          "or broken link) is there; choose another output path.")
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file and folder under `folder`, so a renamed folder never holds empty files after a crash."""
+    for entry in sorted(folder.rglob("*")):
+        _fsync(entry, directory=entry.is_dir())
+    _fsync(folder, directory=True)
+
+
 def save_artifact(
     path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> Path:
@@ -109,6 +124,7 @@ def save_artifact(
     path = Path(path)
     if path.suffix != SAFETENSORS_SUFFIX:
         raise SdtuneError(f"Artifact path {path} must end in {SAFETENSORS_SUFFIX}; rename the output.")
+    _refuse_special(path)
     meta, prepared = _check_metadata(metadata), _prepare(tensors)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,6 +161,7 @@ def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise _write_error(path, exc) from exc
     try:
         yield tmp
+        _fsync_tree(tmp)
         old = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old") if path.exists() else None
         if old is not None:
             os.replace(path, old)
@@ -168,6 +185,7 @@ def atomic_write_via(path: str | os.PathLike, write: Callable[[Path], Any]) -> P
     """Run `write(tmp)` on a temp sibling that keeps the suffix (image writers pick the format from it),
     then rename it into place; on failure nothing appears at `path`."""
     path = Path(path)
+    _refuse_special(path)
     tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -194,8 +212,15 @@ def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
             metadata = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise SdtuneError(f"{path} is not a readable safetensors file (truncated or corrupt: {exc}).") from exc
+        raise _unreadable(path, "safetensors", exc) from exc
     return tensors, metadata
+
+
+def _unreadable(path: Path, kind: str, exc: BaseException) -> SdtuneError:
+    """The refusal of a damaged file, with the reader's reason on the same line."""
+    reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+    return SdtuneError(f"{path} is not a readable {kind} file (truncated or corrupt: {reason}); "
+                       "download or export it again.")
 
 
 def _load_pickle(path: Path) -> Any:
@@ -206,8 +231,8 @@ def _load_pickle(path: Path) -> Any:
             f"{path} may contain code (it needs more than tensors and plain data) and was not loaded; "
             "convert it to .safetensors with a tool you trust."
         ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise SdtuneError(f"{path} is not a readable torch file (truncated or corrupt: {exc}).") from exc
+    except Exception as exc:  # damaged bytes surface as any of many types (IndexError, KeyError, struct.error...)
+        raise _unreadable(path, "torch", exc) from exc
 
 
 def load_artifact(path: str | os.PathLike) -> tuple[Any, dict[str, str]]:
@@ -279,7 +304,7 @@ def _summary(path: Path) -> tuple[list[tuple[str, torch.dtype, tuple[int, ...]]]
             slices = {k: f.get_slice(k) for k in f.keys()}
             rows = [(k, _ST_DTYPES.get(s.get_dtype(), torch.uint8), tuple(s.get_shape())) for k, s in slices.items()]
     except (SafetensorError, OSError, ValueError) as exc:
-        raise SdtuneError(f"{path} is not a readable safetensors file (truncated or corrupt: {exc}).") from exc
+        raise _unreadable(path, "safetensors", exc) from exc
     return rows, metadata
 
 
@@ -291,6 +316,12 @@ def _pretty(value: str, limit: int = 600) -> str:
     text = json.dumps(decoded, indent=2, sort_keys=True) if isinstance(decoded, (dict, list)) else str(decoded)
     text = text.replace("\n", "\n    ")
     return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
+def artifact_format(path: str | os.PathLike) -> str:
+    """The one-line layout name `sdtune inspect` shows (a safetensors file's data is not read)."""
+    rows, metadata = _summary(Path(path))
+    return sniff_format([name for name, _, _ in rows], metadata)
 
 
 def describe_artifact(path: str | os.PathLike) -> str:

@@ -1,7 +1,7 @@
 """Resumable training checkpoints under OUTPUT/checkpoints/step-NNNNNN/, each written atomically.
 
-A checkpoint holds the trained values (safetensors), the optimizer and LR-schedule state (plain tensors
-and numbers, so they load with torch.load(weights_only=True)) and the step and loss history.
+A checkpoint holds the trained values (safetensors), the optimizer, LR-schedule and EMA state (plain
+tensors and numbers, so they load with torch.load(weights_only=True)) and the step and loss history.
 """
 
 from __future__ import annotations
@@ -16,23 +16,29 @@ from .artifacts import atomic_output_dir, load_artifact, save_artifact
 from .errors import SdtuneError
 
 PREFIX = "step-"
+EMA_FILE = "ema.pt"
 
 
 def folder(out_dir: Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
-def save(out_dir: Path, step: int, method, model, optimizer, lr_schedule, losses: list[float], keep: int) -> Path:
-    """Write checkpoint `step` and drop the oldest beyond `keep`."""
+def save(out_dir: Path, step: int, method, model, optimizer, lr_schedule, losses: list[float], keep: int,
+         ema=None) -> Path:
+    """Write checkpoint `step` (with the EMA's state when there is one) and drop the oldest beyond `keep`."""
     target = folder(out_dir) / f"{PREFIX}{step:06d}"
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output_dir(target) as tmp:
         save_artifact(tmp / "trainable.safetensors", method.state_dict(model), {"step": str(step)})
         torch.save({"optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict()},
                    tmp / "optimizer.pt")
+        if ema is not None:
+            torch.save(ema.state_dict(), tmp / EMA_FILE)
         (tmp / "state.json").write_text(json.dumps({"step": step, "losses": losses}))
     for old in list_checkpoints(out_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    for stale in folder(out_dir).glob(f".{PREFIX}*"):  # half-written by a run that was killed mid-save
+        shutil.rmtree(stale, ignore_errors=True)
     return target
 
 
@@ -46,21 +52,55 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
 
 
 def restore(out_dir: Path, which: str, method, model, optimizer, lr_schedule) -> tuple[int, list[float]]:
-    """Load checkpoint `which` ('latest' or a folder) into the set-up method/optimizer; return (step, losses)."""
-    if which == "latest":
-        found = list_checkpoints(out_dir)
-        if not found:
-            return 0, []  # nothing saved yet: a resumed run simply starts from the beginning
-        path = found[-1]
-    else:
-        path = Path(which)
-        if not (path / "state.json").is_file():
-            raise SdtuneError(f"{which} is not a checkpoint folder (no state.json); use --resume latest or a "
-                              f"folder under {folder(out_dir)}.")
+    """Load checkpoint `which` ('latest' or a folder) into the set-up method/optimizer; return (step, losses).
+    The learning rates are the ones the run is given now (the same, unless lowered after a divergence)."""
+    path = _find(out_dir, which)
+    if path is None:
+        return 0, []  # nothing saved yet: a resumed run simply starts from the beginning
     tensors, _ = load_artifact(path / "trainable.safetensors")
     method.load_state_dict(model, tensors)
-    saved = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+    configured = [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups]
+    saved, _ = load_artifact(path / "optimizer.pt")  # tensors and numbers only, so never code
     optimizer.load_state_dict(saved["optimizer"])
     lr_schedule.load_state_dict(saved["lr_schedule"])
+    _use_learning_rates(optimizer, lr_schedule, configured)
     state = json.loads((path / "state.json").read_text())
     return int(state["step"]), list(state["losses"])
+
+
+def restore_ema(out_dir: Path, which: str, ema) -> None:
+    """Put the EMA of checkpoint `which` back; one saved without an EMA leaves `ema` as it is."""
+    path = _find(out_dir, which)
+    if path is None or not (path / EMA_FILE).is_file():
+        return
+    saved, _ = load_artifact(path / EMA_FILE)
+    shadow = saved.get("shadow_params") or []
+    if [t.shape for t in shadow] != [t.shape for t in ema.shadow_params]:
+        raise SdtuneError(f"The EMA in {path} does not fit this run's trained weights; resume without --ema-decay "
+                          "or from a checkpoint of the same settings.")
+    device = ema.shadow_params[0].device if ema.shadow_params else "cpu"
+    ema.load_state_dict(saved)
+    ema.to(device=device)
+
+
+def _find(out_dir: Path, which: str) -> Path | None:
+    """The checkpoint folder `which` names ('latest': the newest, None when there is none)."""
+    if which == "latest":
+        found = list_checkpoints(out_dir)
+        return found[-1] if found else None
+    path = Path(which)
+    if not (path / "state.json").is_file():
+        raise SdtuneError(f"{which} is not a checkpoint folder (no state.json); use --resume latest or a "
+                          f"folder under {folder(out_dir)}.")
+    return path
+
+
+def _use_learning_rates(optimizer, lr_schedule, configured: list[float]) -> None:
+    """Make the restored schedule run from the configured base rates at its restored position (diffusers'
+    schedules are LambdaLR: lr = base * factor(step)); with unchanged settings every value stays the same."""
+    lr_schedule.base_lrs = list(configured)
+    factors = getattr(lr_schedule, "lr_lambdas", None)
+    for i, (group, base) in enumerate(zip(optimizer.param_groups, configured)):
+        group["initial_lr"] = base
+        if factors is not None:
+            group["lr"] = base * factors[i](lr_schedule.last_epoch)

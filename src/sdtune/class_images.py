@@ -8,7 +8,6 @@ another base model or prompt generates its own (the others stay on disk for when
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,10 +83,10 @@ def _read_manifest(folder: Path) -> list[Generated]:
 
 def _write_manifest(folder: Path, entries: list[Generated]) -> None:
     """Atomic replace, so an interrupted run keeps every image it finished."""
-    path = folder / MANIFEST
-    tmp = path.with_name(f".{MANIFEST}.tmp")
-    tmp.write_text(json.dumps({"images": [e.__dict__ for e in entries]}, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    from .artifacts import atomic_write_via
+
+    text = json.dumps({"images": [e.__dict__ for e in entries]}, indent=1)
+    atomic_write_via(folder / MANIFEST, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ import dataclasses
 import re
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from .config import DataConfig, TrainConfig, build, load_config_file
 from .errors import SdtuneError
@@ -49,8 +50,15 @@ def _quiet_libraries() -> None:
         library.disable_progress_bar()
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with sdtune's one-line errors: what is wrong and where the usage is, without a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdtune", description="Personalise Stable Diffusion models: "
+    parser = _Parser(prog="sdtune", description="Personalise Stable Diffusion models: "
                                      "DreamBooth, Textual Inversion, LoRA and Hypernetworks.")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
@@ -111,6 +119,58 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--model-config", help="local diffusers folder giving single-file checkpoints' architecture")
     ext.add_argument("--output", required=True, help="the LoRA .safetensors file to write")
     ext.set_defaults(handler=cmd_extract_lora)
+
+    bench = sub.add_parser("bench", help="time each method's real training step; artifact sizes; scaling tables")
+    bench.add_argument("kind", nargs="?", default="steps", choices=("steps", "sizes", "scaling"),
+                       help="steps: timed runs (default); sizes: full-scale artifact sizes; scaling: step time "
+                            "and peak memory against --resolutions and --batch-sizes")
+    bench.add_argument("--model", default="tiny:sd1", help="random:sd15|sd2|sdxl (full size, for GPUs), tiny:sd1|sd2|sdxl, "
+                       "or any --model spec")
+    bench.add_argument("--method", default="lora", help="comma list of methods, or all")
+    bench.add_argument("--compile", default="auto", help="comma list of UNet modes (auto, off, cuda-graphs, default, "
+                       "reduce-overhead, max-autotune); each is its own run")
+    bench.add_argument("--batch-size", type=int, default=1)
+    bench.add_argument("--resolution", type=int, default=0, help="pixels (0: the model's native resolution)")
+    bench.add_argument("--steps", type=int, default=20, help="timed steps, after the warm-up")
+    bench.add_argument("--warmup", type=int, default=5, help="untimed steps first (graph capture, compiling)")
+    bench.add_argument("--mixed-precision", default="auto", choices=("auto", "no", "fp16", "bf16"),
+                       help="auto: bf16 on CUDA, none on a CPU")
+    bench.add_argument("--channels-last", action="store_true", help="channels-last UNet")
+    bench.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--output", default="", help="keep the artifacts in this folder (default: discarded)")
+    bench.add_argument("--resolutions", default="256,512,768,1024", help="scaling: comma list of pixels")
+    bench.add_argument("--batch-sizes", default="1,4,16", help="scaling: comma list of batch sizes")
+    bench.add_argument("--json", action="store_true", help="one JSON line instead of a table")
+    bench.set_defaults(handler=cmd_bench)
+
+    cmp = sub.add_parser("compare", help="train the four methods on one subject and report them side by side")
+    _add_model_args(cmp)
+    cmp.add_argument("--images", default="", help="folder of subject images (default: the builtin subject)")
+    cmp.add_argument("--token", default="", help="the subject's identifier (default: sks)")
+    cmp.add_argument("--class-word", default="", help="the subject's class, e.g. dog (needed with --images)")
+    cmp.add_argument("--methods", default="all", help="all, or a comma list of rows or methods (dreambooth, "
+                     "dreambooth-no-prior, textual-inversion, lora, hypernetwork)")
+    cmp.add_argument("--seeds", type=int, default=1, help="seeds per row: quality pooled over them, costs averaged")
+    cmp.add_argument("--config", help="YAML/TOML file deep-merged over the recommended settings "
+                     "(the layout of sdtune/compare/recipes.yaml)")
+    cmp.add_argument("--clip-model", help="CLIP folder or hub id for CLIP-I and CLIP-T (own subjects)")
+    cmp.add_argument("--dino-model", help="DINO ViT folder or hub id for DINO, prior preservation and diversity "
+                     "(own subjects)")
+    cmp.add_argument("--fresh", action="store_true", help="retrain runs a previous compare into OUTPUT finished")
+    cmp.add_argument("--quiet", action="store_true", help="no progress display")
+    cmp.add_argument("--output", default="out/compare", help="folder for the runs, results.json, report.md and "
+                     "report.html (default: out/compare)")
+    cmp.set_defaults(handler=cmd_compare)
+
+    ui = sub.add_parser("ui", help="local web UI to train, generate, compare and convert (needs sdtune[ui])")
+    _add_model_args(ui)
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    ui.add_argument("--port", type=int, default=7860, help="port (0: a free one)")
+    ui.add_argument("--workspace", default="sdtune-ui", help="folder for uploads, trainings, images, comparisons")
+    ui.add_argument("--artifacts", action="append", default=[], metavar="DIR",
+                    help="more folders to find artifacts in (repeatable)")
+    ui.set_defaults(handler=cmd_ui)
     return parser
 
 
@@ -157,6 +217,7 @@ def default_name(token: str) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from . import methods
+    from .faults import memory_advice
     from .model import load
     from .train import train
 
@@ -171,8 +232,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     load_image_folder(data_cfg.images) if data_cfg.images else None  # fail on bad images before loading a model
     model = load(args.model, config=args.model_config)
-    result = train(model, method_cls(method_cfg), method_cfg, train_cfg, data_cfg, output,
-                   args.name or default_name(data_cfg.token), progress=not args.quiet)
+    with memory_advice(output):
+        result = train(model, method_cls(method_cfg), method_cfg, train_cfg, data_cfg, output,
+                       args.name or default_name(data_cfg.token), progress=not args.quiet)
     for path in result.paths:
         print(path)
     return 0
@@ -193,11 +255,12 @@ def _writable_folder(path: str) -> Path:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import GenerateOptions, generate, save_images
+    from .generate import GenerateOptions, check_image_path, generate, save_images
     from .model import load
 
     if args.count < 1 or args.steps < 1 or args.clip_skip < 1:
         raise SdtuneError("--count, --steps and --clip-skip must be at least 1.")
+    _writable_folder(str(check_image_path(args.output).parent))
     model = load(args.model, config=args.model_config)
     options = GenerateOptions(negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
                               seed=args.seed, count=args.count, scheduler=args.scheduler, width=args.width,
@@ -227,6 +290,30 @@ def cmd_extract_lora(args: argparse.Namespace) -> int:
 
     print(extract_lora_file(args.base, args.tuned, args.rank, args.output, args.targets, args.format,
                             args.text_encoder, args.alpha or None, args.model_config))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import CompareOptions, run_compare
+
+    options = CompareOptions(str(_writable_folder(args.output)), args.model, args.model_config, args.images,
+                             args.token, args.class_word, args.methods, args.seeds, args.config, args.clip_model,
+                             args.dino_model, args.fresh, not args.quiet)
+    print(run_compare(options))
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from .ui import serve
+
+    serve(args.host, args.port, args.model, args.workspace, args.artifacts, args.model_config)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench_report import bench_from_args
+
+    print(bench_from_args(args))
     return 0
 
 

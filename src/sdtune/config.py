@@ -16,6 +16,9 @@ from typing import Any
 from .errors import SdtuneError
 
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+# Speed settings (resolved per device and run by sdtune.speed; none changes what is learned).
+COMPILE_MODES = ("auto", "off", "cuda-graphs", "default", "reduce-overhead", "max-autotune")
+ADAM_IMPLS = ("auto", "fused", "foreach", "for-loop")
 
 
 def opt(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
@@ -72,6 +75,14 @@ class TrainConfig:
     prior_preservation: bool = opt(False, "add the class-image loss (DreamBooth prior preservation)")
     prior_loss_weight: float = opt(1.0, "weight of the class-image loss", min=0.0)
     cache_latents: bool = opt(True, "encode images once when no random augmentation is active")
+    compile: str = opt("auto", "how the UNet step runs: off (eager), cuda-graphs (eager kernels replayed from a "
+                               "captured CUDA graph), or a torch.compile mode; auto: the fastest for this device "
+                               "and run length", choices=COMPILE_MODES)
+    channels_last: bool = opt(False, "channels-last memory layout for the UNet")
+    adam_impl: str = opt("auto", "AdamW implementation (auto: fused on CUDA, torch's default elsewhere)",
+                         choices=ADAM_IMPLS)
+    sync_every: int = opt(0, "read the loss on the host every N steps: progress, logs and the divergence check "
+                             "(0: every step on a CPU, every 25 on CUDA)", min=0)
     ema_decay: float = opt(0.0, "keep an exponential moving average of the trained weights and save it "
                                 "(e.g. 0.9999; 0 disables)", min=0.0, max=1.0)
     checkpoint_every: int = opt(0, "save a resumable checkpoint every N steps (0: only at the end)", min=0)
@@ -128,6 +139,9 @@ def load_config_file(path: str | Path) -> dict:
         raise SdtuneError(f"Config file {path} could not be parsed: {str(exc).splitlines()[0]}") from exc
     if not isinstance(data, dict):
         raise SdtuneError(f"Config file {path} must hold a mapping of sections to settings.")
+    section = next((name for name, values in data.items() if not isinstance(values, dict)), None)
+    if section is not None:
+        raise SdtuneError(f"Config file {path} section '{section}' must be a mapping of settings, e.g. steps: 500.")
     return data
 
 

@@ -107,11 +107,12 @@ def _word_in(name: str, texts: list[str]) -> bool:
 
 def _artifact_files(folders: list[Path], suffixes: tuple[str, ...]) -> list[Path]:
     """Files with `suffixes` under each folder in order, shallowest first within a folder."""
+    from .prompt import artifact_candidates
+
     found: list[Path] = []
     for folder in map(Path, folders):
         if folder.is_dir():
-            files = [p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes]
-            found += sorted(files, key=lambda p: (len(p.relative_to(folder).parts), str(p)))
+            found += artifact_candidates(folder, suffixes)
     return list(dict.fromkeys(found))
 
 
@@ -129,6 +130,16 @@ def generate(model, prompt: str, options: GenerateOptions) -> list:
     result = pipe(**prompt_kwargs, num_inference_steps=options.steps, num_images_per_prompt=options.count,
                   generator=torch.Generator().manual_seed(options.seed), **extra)
     return result.images
+
+
+def check_image_path(path: str | Path) -> Path:
+    """Refuse, before any work, an output path whose extension names no image format PIL writes."""
+    from PIL import Image
+
+    path = Path(path)
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise SdtuneError(f"--output {path} does not end in an image extension; name it e.g. {path.stem or 'out'}.png.")
+    return path
 
 
 def save_images(images: list, path: str | Path) -> list[Path]:

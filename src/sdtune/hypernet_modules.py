@@ -122,10 +122,17 @@ class HypernetworkNet(nn.ModuleDict):
 
     @classmethod
     def from_file(cls, hf: HypernetworkFile, what: str = "hypernetwork") -> "HypernetworkNet":
-        """Rebuild the exact layer sequences the file's entries describe and load its tensors into them."""
-        net = cls(hf.structure, hf.widths)
+        """Rebuild the exact layer sequences the file's entries describe and load its tensors into them.
+        The layers are built without memory (meta device) and take the file's tensors, so entries that
+        describe absurd widths cost nothing before they are refused."""
         try:
-            net.load_state_dict(hf.tensors, strict=True)
+            with torch.device("meta"):
+                net = cls(hf.structure, hf.widths)
+        except (RuntimeError, ValueError, OverflowError) as exc:
+            raise SdtuneError(f"The {what} settings describe layers that cannot be built ({exc}); the file is "
+                              "damaged or its layer_structure entry is wrong.") from exc
+        try:
+            net.load_state_dict({k: v.float() for k, v in hf.tensors.items()}, strict=True, assign=True)
         except RuntimeError as exc:
             detail = str(exc).split("\n\t")[1].strip() if "\n\t" in str(exc) else str(exc)
             raise SdtuneError(f"The {what} weights do not fit the layer sequence its settings describe ({detail}); "

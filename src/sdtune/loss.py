@@ -66,7 +66,9 @@ def combine(losses: torch.Tensor, is_class: torch.Tensor, prior_weight: float, n
     Dividing sums by the global counts makes the summed gradients of all micro-batches and processes
     equal to the gradient of one big batch, however it was split.
     """
-    total = losses[~is_class].sum() / max(n_instance, 1)
+    # torch.where rather than boolean indexing, which would make the host wait for the GPU every step.
+    zero = torch.zeros_like(losses)
+    total = torch.where(is_class, zero, losses).sum() / max(n_instance, 1)
     if n_class:
-        total = total + prior_weight * losses[is_class].sum() / n_class
+        total = total + prior_weight * torch.where(is_class, losses, zero).sum() / n_class
     return total

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,10 +127,17 @@ def parse_artifact_tags(prompt: str) -> tuple[str, list[ArtifactTag]]:
     return text, tags
 
 
-def _candidates(folder: Path, suffixes: Sequence[str]) -> list[Path]:
+# Folders never searched for artifacts: hidden ones (.venv, .git), caches and training checkpoints.
+SKIPPED_FOLDERS = {"__pycache__", "checkpoints", "site-packages", "node_modules"}
+
+
+def artifact_candidates(folder: Path, suffixes: Sequence[str]) -> list[Path]:
     """Artifact files under a folder (recursively, as A1111 scans its model folders), shallowest first."""
     wanted = {s.lower() for s in suffixes}
-    found = [p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in wanted]
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in SKIPPED_FOLDERS]
+        found += [Path(root, f) for f in files if Path(f).suffix.lower() in wanted]
     return sorted(found, key=lambda p: (len(p.relative_to(folder).parts), str(p)))
 
 
@@ -147,7 +155,7 @@ def resolve_artifact(
     for folder in map(Path, artifact_dirs):
         if not folder.is_dir():
             continue
-        files = _candidates(folder, suffixes)
+        files = artifact_candidates(folder, suffixes)
         hits = [p for p in files if p.stem == tag.name]
         if hits:
             return min(hits, key=lambda p: order[p.suffix.lower()])

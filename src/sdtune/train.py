@@ -1,9 +1,10 @@
 """THE training loop, shared by all four methods. It never asks which method it is training.
 
 Read top to bottom: set up the device, the class images (prior preservation) and the method, prepare
-examples (cached latents and text when possible), build the optimizer, resume if asked, then step: freeze
-param groups past their stop step, draw noise per sample, predict, weigh the loss, accumulate, synchronise
-gradients across processes, clip, update, average (EMA); checkpoint, validate, log; save.
+examples (latents and text encoded up front and cached when possible), build the optimizer, resume if asked,
+then step: freeze param groups past their stop step, draw noise per sample, predict, weigh the loss,
+accumulate, synchronise gradients across processes, clip, update, average (EMA); read the loss on the host
+(every step on a CPU, every few on a GPU: speed.py); checkpoint, validate, log; save.
 """
 
 from __future__ import annotations
@@ -11,19 +12,22 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import __version__
+from .artifacts import atomic_write_via
 from .config import DataConfig, TrainConfig, to_json
 from .conditioning import Conditioning
 from .errors import SdtuneError
 from .loss import combine, draw_noise, min_snr_weights, per_sample_mse, training_target
 from .runtime import make_accelerator, peak_memory_bytes, sum_gradients_across_processes
 from .trainset import TrainingSet, build_training_set
-from . import checkpoints, class_images
+from .unet_runner import UNetRunner
+from . import checkpoints, class_images, faults, speed
 
 
 @dataclass
@@ -36,11 +40,17 @@ class TrainResult:
     peak_memory: int
     trainable_params: int
     losses: list[float] = field(default_factory=list)
+    speed: dict[str, str] = field(default_factory=dict)  # the speed settings as resolved for this run
 
 
 def train(model, method, method_cfg, train_cfg: TrainConfig, data_cfg: DataConfig, out_dir: str | Path,
-          name: str, fmt: str | None = None, progress: bool = True) -> TrainResult:
-    """Train `method` on `model` with the subject in `data_cfg`; write the artifact to out_dir/name.*"""
+          name: str, fmt: str | None = None, progress: bool = True,
+          on_step: Callable[[int, float], bool | None] | None = None) -> TrainResult:
+    """Train `method` on `model` with the subject in `data_cfg`; write the artifact to out_dir/name.*
+
+    `on_step(step, loss)` runs after each step (e.g. a UI's progress; `loss` is the newest one read on the
+    host, see TrainConfig.sync_every); when it returns True the run stops with a checkpoint of that step
+    saved, and an SdtuneError says how to resume it."""
     started = time.time()
     out_dir = Path(out_dir)
     accelerator = make_accelerator(train_cfg)
@@ -71,10 +81,15 @@ def train(model, method, method_cfg, train_cfg: TrainConfig, data_cfg: DataConfi
     # 2. Examples: latents and text conditioning computed once where nothing about them changes.
     templates = method.prompt_templates(model) if hasattr(method, "prompt_templates") else None
     examples = build_training_set(model, data_cfg, train_cfg, accelerator, templates, class_records)
+    examples.fill_caches()  # encoders run now, not inside the first steps
+    # Encoders the steps no longer call wait on the CPU (GPU memory for training); back before saving.
+    parked = examples.idle_components() if device.type == "cuda" and not train_cfg.validation_every else []
+    for component in parked:
+        model.components()[component].to("cpu")
     global_batch = train_cfg.batch_size * train_cfg.grad_accum * world
 
-    # 3. Optimizer and schedule; resume restores them with the trained values and the step. The EMA
-    #    starts from the weights as they are then (it is not part of checkpoints).
+    # 3. Optimizer and schedule; resume restores them with the trained values, the step and the EMA
+    #    (an EMA missing from an older checkpoint starts from the weights as they are then).
     lr_scale = global_batch if train_cfg.scale_lr else 1
     optimizer, lr_schedule = _make_optimizer(param_groups, lr_scale, train_cfg, device)
     optimizer = accelerator.prepare(optimizer)
@@ -82,6 +97,16 @@ def train(model, method, method_cfg, train_cfg: TrainConfig, data_cfg: DataConfi
     if train_cfg.resume:
         start_step, losses = checkpoints.restore(out_dir, train_cfg.resume, method, model, optimizer, lr_schedule)
     ema = _ema(params, train_cfg.ema_decay, start_step)
+    if ema is not None and start_step:
+        checkpoints.restore_ema(out_dir, train_cfg.resume, ema)
+
+    # The step's speed (speed.py): how the UNet runs (eager, captured CUDA graph or compiled) and how often
+    # the host waits for the device to read the loss.
+    unet_mode = speed.resolve_compile(train_cfg.compile, device.type, train_cfg.steps - start_step,
+                                      examples.static_shapes, train_cfg.grad_accum, train_cfg.gradient_checkpointing)
+    unet = UNetRunner(model.unet, unet_mode, params, train_cfg.channels_last, strict=train_cfg.compile != "auto")
+    loss_log = speed.LossLog(speed.sync_interval(train_cfg.sync_every, device.type, optimizer,
+                                                 train_cfg.mixed_precision), optimizer, device)
 
     bar = _progress(train_cfg.steps, start_step, progress and accelerator.is_main_process)
     logger = _tensorboard(out_dir, train_cfg, accelerator.is_main_process)
@@ -92,14 +117,14 @@ def train(model, method, method_cfg, train_cfg: TrainConfig, data_cfg: DataConfi
         for micro in range(train_cfg.grad_accum):
             first = step * global_batch + (micro * world + rank) * train_cfg.batch_size
             positions = list(range(first, first + train_cfg.batch_size))
-            loss = _micro_batch_loss(model, examples, positions, noise_scheduler, train_cfg, global_batch,
+            loss = _micro_batch_loss(unet, examples, positions, noise_scheduler, train_cfg, global_batch,
                                      accelerator)
             accelerator.backward(loss)
             step_loss += loss.detach()
-        loss_value = float(accelerator.reduce(step_loss, "sum")) if world > 1 else float(step_loss)
-        if not math.isfinite(loss_value):  # stop before a NaN reaches the weights; checkpoints stay good
-            raise SdtuneError(f"Training diverged at step {step + 1} (loss is {loss_value}); lower --lr or "
-                              "tighten --max-grad-norm, then resume from the last checkpoint.")
+        step_loss = accelerator.reduce(step_loss, "sum") if world > 1 else step_loss
+        # A non-finite loss never reaches the weights: checked here when the host reads every step, else its
+        # update is skipped on the device until the next read stops the run (speed.LossLog).
+        _take_losses(loss_log.push(step, step_loss), losses, bar, logger, train_cfg, out_dir)
         training = [p for p in params if p.requires_grad]
         sum_gradients_across_processes(accelerator, training)
         if train_cfg.max_grad_norm > 0:
@@ -110,19 +135,26 @@ def train(model, method, method_cfg, train_cfg: TrainConfig, data_cfg: DataConfi
         if ema is not None:
             ema.step(params)
 
-        losses.append(loss_value)
-        bar.set_postfix(loss=f"{loss_value:.4f}")
         bar.update(1)
         if logger:
-            logger.add_scalar("train/loss", loss_value, step + 1)
             logger.add_scalar("train/lr", lr_schedule.get_last_lr()[0], step + 1)
         done = step + 1
-        if accelerator.is_main_process and train_cfg.checkpoint_every and done % train_cfg.checkpoint_every == 0 \
-                and done < train_cfg.steps:
-            checkpoints.save(out_dir, done, method, model, optimizer, lr_schedule, losses, train_cfg.keep_checkpoints)
-        if accelerator.is_main_process and train_cfg.validation_every and done % train_cfg.validation_every == 0:
+        checkpoint_now = bool(train_cfg.checkpoint_every) and done % train_cfg.checkpoint_every == 0 \
+            and done < train_cfg.steps
+        validate_now = bool(train_cfg.validation_every) and done % train_cfg.validation_every == 0
+        if loss_log.due(done) or checkpoint_now or validate_now or done == train_cfg.steps:
+            _take_losses(loss_log.pull(), losses, bar, logger, train_cfg, out_dir)  # before anything is written
+        if accelerator.is_main_process and checkpoint_now:
+            checkpoints.save(out_dir, done, method, model, optimizer, lr_schedule, losses, train_cfg.keep_checkpoints,
+                             ema)
+        if accelerator.is_main_process and validate_now:
             _validation_image(model, examples, train_cfg, out_dir, done, logger)
+        if on_step is not None and on_step(done, loss_log.latest) and done < train_cfg.steps:
+            _take_losses(loss_log.pull(), losses, bar, logger, train_cfg, out_dir)
+            _stop(out_dir, done, method, model, optimizer, lr_schedule, losses, train_cfg, accelerator, logger, ema)
     bar.close()
+    for component in parked:
+        model.components()[component].to(device)
 
     # 4. The artifact (the averaged weights when EMA is on), with a run card that says how it was made.
     if ema is not None:
@@ -133,30 +165,56 @@ def train(model, method, method_cfg, train_cfg: TrainConfig, data_cfg: DataConfi
     if accelerator.is_main_process:
         card = run_card(method, model, train_cfg, data_cfg, method_cfg, wall, peak, losses, world)
         paths = method.save(model, out_dir, name, card, fmt)
-        (out_dir / f"{name}.config.json").write_text(json.dumps(json.loads(card["config"]), indent=1))
+        resolved = json.dumps(json.loads(card["config"]), indent=1)
+        atomic_write_via(out_dir / f"{name}.config.json", lambda tmp: tmp.write_text(resolved))
     accelerator.wait_for_everyone()
     if logger:
         logger.close()
-    return TrainResult(paths, train_cfg.steps, wall, peak, sum(p.numel() for p in params), losses)
+    return TrainResult(paths, train_cfg.steps, wall, peak, sum(p.numel() for p in params), losses,
+                       {"compile": unet.mode, "sync_every": str(loss_log.every),
+                        "fused_adam": str(speed.can_skip_on_device(optimizer)).lower()})
 
 
-def _micro_batch_loss(model, examples: TrainingSet, positions: list[int], noise_scheduler, cfg: TrainConfig,
-                      global_batch: int, accelerator) -> torch.Tensor:
+def _take_losses(read: list[tuple[int, float]], losses: list[float], bar, logger, cfg: TrainConfig,
+                 out_dir: Path) -> None:
+    """Keep the losses just read on the host; stop at the first non-finite one (its update never happened)."""
+    for step, value in read:
+        if not math.isfinite(value):
+            raise faults.diverged(step + 1, value, cfg.lr, out_dir)
+        losses.append(value)
+        if logger:
+            logger.add_scalar("train/loss", value, step + 1)
+    if read:
+        bar.set_postfix(loss=f"{read[-1][1]:.4f}")
+
+
+def _stop(out_dir: Path, done: int, method, model, optimizer, lr_schedule, losses: list[float],
+          cfg: TrainConfig, accelerator, logger, ema=None) -> None:
+    """Stop a run on request, keeping a checkpoint of the step reached so `--resume latest` continues it."""
+    if accelerator.is_main_process and not (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+        checkpoints.save(out_dir, done, method, model, optimizer, lr_schedule, losses, cfg.keep_checkpoints, ema)
+    if logger:
+        logger.close()
+    raise SdtuneError(f"Training stopped at step {done} of {cfg.steps}; its checkpoint is in "
+                      f"{checkpoints.folder(out_dir)} and --resume latest continues it.")
+
+
+def _micro_batch_loss(unet: UNetRunner, examples: TrainingSet, positions: list[int], noise_scheduler,
+                      cfg: TrainConfig, global_batch: int, accelerator) -> torch.Tensor:
     """Loss of one micro-batch, normalised by the global batch so split batches sum to the whole."""
     batch = examples.batch(positions)
     latents = batch.latents.to(accelerator.device)
     noise, timesteps = draw_noise(tuple(latents.shape[1:]), batch.noise_positions, cfg.seed,
                                   noise_scheduler.config.num_train_timesteps, cfg.offset_noise)
-    noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
+    noise, timesteps = speed.to_device(noise, latents.device), speed.to_device(timesteps, latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     cond: Conditioning = batch.conditioning
     with accelerator.autocast():
-        pred = model.unet(noisy, timesteps, cond.hidden_states,
-                          added_cond_kwargs=cond.added).sample
+        pred = unet(noisy, timesteps, cond)
     losses = per_sample_mse(pred, training_target(noise_scheduler, latents, noise, timesteps))
     if cfg.min_snr_gamma:
         losses = losses * min_snr_weights(noise_scheduler, timesteps, cfg.min_snr_gamma)
-    is_class = batch.is_class.to(latents.device)
+    is_class = speed.to_device(batch.is_class, latents.device)
     n_class = global_batch if cfg.prior_preservation else 0
     return combine(losses, is_class, cfg.prior_loss_weight, global_batch, n_class)
 
@@ -223,7 +281,8 @@ def _make_optimizer(param_groups: list[dict], lr_scale: float, cfg: TrainConfig,
         except ImportError:
             raise SdtuneError("use_8bit_adam needs bitsandbytes: pip install bitsandbytes.") from None
         optimizer_cls = bnb.optim.AdamW8bit
-    optimizer = optimizer_cls(param_groups, lr=cfg.lr * lr_scale, weight_decay=cfg.weight_decay)
+    options = {} if cfg.use_8bit_adam else speed.adam_options(cfg.adam_impl, device.type)  # fused / foreach
+    optimizer = optimizer_cls(param_groups, lr=cfg.lr * lr_scale, weight_decay=cfg.weight_decay, **options)
     schedule = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                              num_training_steps=cfg.steps)
     return optimizer, schedule
@@ -277,7 +336,7 @@ def _validation_image(model, examples: TrainingSet, cfg: TrainConfig, out_dir: P
     image = model.pipeline()(prompt, num_inference_steps=25, generator=generator).images[0]
     folder = out_dir / "validation"
     folder.mkdir(parents=True, exist_ok=True)
-    image.save(folder / f"step-{step:06d}.png")
+    atomic_write_via(folder / f"step-{step:06d}.png", image.save)
     if logger:
         import numpy as np
 

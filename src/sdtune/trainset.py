@@ -80,6 +80,32 @@ class TrainingSet:
         stops training part-way through a run)."""
         return any(p.requires_grad for e in self.model.text_encoders for p in e.parameters())
 
+    @property
+    def static_shapes(self) -> bool:
+        """Whether every batch has the same tensor shapes (one image size), so a captured graph can replay it."""
+        streams = [self.instance] + ([self.class_] if self.class_ is not None else [])
+        return len({key for stream in streams for key in stream.dataset.bucket_keys()}) == 1
+
+    def fill_caches(self, chunk: int = 16) -> None:
+        """Encode every cached image and prompt now rather than at first use, so every step costs the same
+        (cached latents are seeded by image, not by when they are made: the values do not change)."""
+        streams = [(self.instance, False)] + ([(self.class_, True)] if self.class_ is not None else [])
+        if self._cache_latents:
+            for stream, is_class in streams:
+                for position in range(len(stream.dataset)):  # one epoch shows every image
+                    self._latents(stream, position, 2 * position + int(is_class), is_class)
+        if not self.text_trains:
+            prompts = list(dict.fromkeys((self.templates or []) + [p for s, _ in streams for p in s.dataset.prompts]))
+            for start in range(0, len(prompts), chunk):
+                self._conditioning(prompts[start: start + chunk])
+
+    def idle_components(self) -> list[str]:
+        """Model components the steps never call once the caches are full (after fill_caches)."""
+        idle = ["vae"] if self._cache_latents else []
+        if not self.text_trains:
+            idle += [name for name in self.model.components() if name.startswith("text_encoder")]
+        return idle
+
     def batch(self, positions: list[int]) -> Batch:
         items = [(self.instance, p, 2 * p, False) for p in positions]
         if self.class_ is not None:

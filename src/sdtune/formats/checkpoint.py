@@ -174,7 +174,7 @@ def to_checkpoint(model, dtype: torch.dtype | None = None) -> dict[str, torch.Te
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    t = t.detach().to("cpu")
+    t = t.detach() if t.is_meta else t.detach().to("cpu")  # meta tensors stay shapes (sizing without memory)
     return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
 

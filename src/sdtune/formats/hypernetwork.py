@@ -49,9 +49,9 @@ class Structure:
 
     @classmethod
     def from_entries(cls, entries: Mapping[str, Any]) -> "Structure":
-        layers = tuple(entries.get("layer_structure") or (1, 2, 1))
+        layers = tuple(_sequence(entries, "layer_structure") or (1, 2, 1))
         use_dropout = entries.get("use_dropout", False)
-        dropout = entries.get("dropout_structure")
+        dropout = _sequence(entries, "dropout_structure")
         if dropout is None:
             dropout = legacy_dropout(layers, bool(use_dropout), bool(entries.get("last_layer_dropout", False)))
         structure = cls(layers, entries.get("activation_func"), bool(entries.get("is_layer_norm", False)),
@@ -77,6 +77,15 @@ class Structure:
     def widths(self, dim: int) -> list[int]:
         """Feature width before and after each Linear of a module of width `dim`."""
         return [int(dim * x) for x in self.layer_structure]
+
+
+def _sequence(entries: Mapping[str, Any], key: str) -> list | tuple | None:
+    """A list entry of a file (None when absent); any other type is refused by name."""
+    value = entries.get(key)
+    if value is not None and not isinstance(value, (list, tuple)):
+        raise SdtuneError(f"Hypernetwork entry '{key}' is {value!r:.40}, not a list of numbers such as [1, 2, 1]; "
+                          "the file is damaged.")
+    return value
 
 
 def legacy_dropout(layer_structure: tuple, use_dropout: bool, last_layer_dropout: bool) -> list[float]:

@@ -19,6 +19,7 @@ import torch
 
 from ..errors import SdtuneError
 from .ldm_names import diffusers_to_ldm_unet_names, ldm_to_diffusers_unet_names
+from .lora_header import LORA_ADAPTER_METADATA_KEY, checked_adapter_header
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 # Canonical parameter name <-> kohya parameter name (one table, both directions).
@@ -35,9 +36,6 @@ KOHYA_PREFIXES: dict[str, tuple[str, ...]] = {
     "text_encoder_2": ("lora_te2_",),
 }
 SDXL_TE_PREFIX: dict[str, str] = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
-# diffusers keeps each component's peft LoraConfig as JSON under this safetensors metadata key,
-# with every field prefixed by the component name ("unet.r", "text_encoder.lora_alpha", ...).
-LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 # transformers >= 5 flattens CLIPTextModel (no `text_model.`); files always carry the prefix.
 CLIP_FILE_PREFIX = "text_model."
 _CLIP_FLAT_ROOTS = ("embeddings.", "encoder.", "final_layer_norm")
@@ -82,12 +80,25 @@ def _group(state: Mapping[str, torch.Tensor]) -> Modules:
     return modules
 
 
+def checked_state(state: Mapping[str, torch.Tensor], name: str = "LoRA") -> dict[str, torch.Tensor]:
+    """Canonical state in which every module has a floating lora_A [r, in] or [r, in, kh, kw], a lora_B whose
+    second dimension is r, and a finite scalar alpha (or none); anything else is refused by module name."""
+    for (component, path), params in _group(state).items():
+        a, b, alpha = params["lora_A.weight"], params["lora_B.weight"], params.get("alpha")
+        if not (a.ndim in (2, 4) and b.ndim == a.ndim and a.shape[0] >= 1 and b.shape[1] == a.shape[0]
+                and a.is_floating_point() and b.is_floating_point()
+                and (alpha is None or (alpha.numel() == 1 and bool(alpha.float().isfinite().all())))):
+            raise SdtuneError(f"{name} module {component}.{path} has malformed weights (lora_A {list(a.shape)}, lora_B "
+                              f"{list(b.shape)}); the file is damaged, re-export it.")
+    return dict(state)
+
+
 def _ungroup(modules: Modules) -> dict[str, torch.Tensor]:
     return {f"{c}.{p}.{param}": t for (c, p), params in modules.items() for param, t in params.items()}
 
 
 def _rank(params: Mapping[str, torch.Tensor]) -> int:
-    return int(params["lora_A.weight"].shape[0])
+    return int(params["lora_A.weight"].shape[0]) if params["lora_A.weight"].ndim else 0  # 0-dim: checked_state refuses
 
 
 def _alpha(params: Mapping[str, torch.Tensor]) -> float:
@@ -264,7 +275,7 @@ def _adapter_configs(metadata: Mapping[str, str] | None) -> dict[str, dict[str, 
             f"LoRA metadata {LORA_ADAPTER_METADATA_KEY!r} is not valid JSON ({exc}); re-export the file."
         ) from exc
     configs: dict[str, dict[str, Any]] = {}
-    for key, value in packed.items():
+    for key, value in checked_adapter_header(packed).items():
         component, _, field = key.partition(".")
         configs.setdefault(component, {})[field] = value
     return configs

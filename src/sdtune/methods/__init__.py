@@ -48,6 +48,8 @@ class Method(Protocol):
     #   check_data(model, data_cfg)        validate/warn about the data before setup (e.g. a common token)
     #   prompt_templates(model) -> list    per-sample prompt wordings instead of one instance template
     #   saves_frozen_weights: bool         the artifact holds frozen weights too: keep them full precision
+    #   planned_files(model, name) -> {file: tensors}   what save() writes, computable on a meta-device model
+    #                                      (sdtune bench sizes a full-size artifact from it without memory)
     #   decode_file(model, obj, metadata, path) -> state   read any file layout of this method
     #   recognises(obj, metadata) / convert(obj, metadata, src, dst, to, model_spec)   for `sdtune convert`
 

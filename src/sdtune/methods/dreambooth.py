@@ -119,6 +119,18 @@ class DreamBooth:
         single = save_checkpoint(model, Path(out_dir) / f"{name}.safetensors", card, dtype)
         return [folder, single]
 
+    def planned_files(self, model, name: str) -> dict[str, dict[str, torch.Tensor]]:
+        """The tensors `save` writes, by file, in the save dtype, without writing them: works on a meta-device
+        model, so a full-size artifact is sized without allocating it."""
+        from ..formats.checkpoint import to_checkpoint
+
+        dtype = SAVE_DTYPES[self.cfg.save_dtype]
+        files = {f"{name}/{component}": {k: v.to(dtype) if v.is_floating_point() else v
+                                          for k, v in module.state_dict().items()}
+                 for component, module in model.components().items()}
+        files[f"{name}.safetensors"] = to_checkpoint(model, dtype)
+        return files
+
 
 def save_pipeline_folder(model, folder: Path, card: dict[str, str], dtype: torch.dtype) -> Path:
     """`model` as a diffusers pipeline folder (weights in `dtype`, run card beside them), written atomically."""

@@ -192,7 +192,9 @@ class Hypernetwork:
 
 
 def _cpu_state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in net.state_dict().items()}
+    """fp32 CPU copies of the modules' tensors (on a meta-device model, their shapes: sizing without memory)."""
+    return {k: v.detach().float() if v.is_meta else v.detach().to("cpu", torch.float32).contiguous()
+            for k, v in net.state_dict().items()}
 
 
 def _entries(cfg: HypernetworkConfig) -> dict[str, Any]:

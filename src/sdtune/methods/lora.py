@@ -152,19 +152,22 @@ class LoRA:
 
     def decode_file(self, model, tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path):
         """A LoRA file in any layout sdtune reads -> canonical state for this model (or a clear refusal)."""
-        from ..formats.lora import check_lora_family, detect_lora_format, from_diffusers, from_kohya, lora_family_hints
+        from ..formats.lora import (check_lora_family, checked_state, detect_lora_format, from_diffusers, from_kohya,
+                                    lora_family_hints)
 
-        if not isinstance(tensors, dict) or not tensors:
-            raise SdtuneError(f"{path.name} holds no LoRA weights.")
+        named = isinstance(tensors, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                  for k, v in tensors.items())
+        if not tensors or not named:
+            raise SdtuneError(f"{path.name} holds no LoRA weights (named tensors); check that it is a LoRA file.")
         check_lora_family(lora_family_hints(tensors, metadata), model.family,
                           model.unet.config.cross_attention_dim, f"LoRA {path.name}")
         layout = detect_lora_format(tensors)
         paths = {c: [n for n, _ in m.named_modules()] for c, m in model.components().items() if c != "vae"}
         if layout == "kohya":
-            return from_kohya(tensors, paths, model.unet.config, metadata)
-        if layout == "diffusers":
-            return from_diffusers(tensors, metadata, paths)
-        return tensors
+            state = from_kohya(tensors, paths, model.unet.config, metadata)
+        else:
+            state = from_diffusers(tensors, metadata, paths) if layout == "diffusers" else tensors
+        return checked_state(state, f"LoRA {path.name}")
 
 
     @staticmethod
@@ -229,7 +232,7 @@ def _lora_module_paths(module: torch.nn.Module, adapter: str) -> list[str]:
 
 
 def _check_fits(name: str, module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Refuse a LoRA whose layers are missing or of another width, naming the first misfit."""
+    """Refuse a LoRA whose layers are missing or of another shape, naming the first misfit."""
     from peft.tuners.lora import LoraLayer
 
     layers = dict(module.named_modules())
@@ -239,11 +242,20 @@ def _check_fits(name: str, module: torch.nn.Module, weights: dict[str, torch.Ten
         path = key[: -len(".lora_A.weight")]
         layer = layers.get(path)
         base = layer.get_base_layer() if isinstance(layer, LoraLayer) else layer
-        in_features = getattr(base, "in_features", getattr(base, "in_channels", None))
-        if base is None or in_features != value.shape[1]:
+        found = (tuple(value.shape), tuple(weights.get(f"{path}.lora_B.weight", torch.empty(0)).shape))
+        if base is None or _lora_shapes(base, found[0][0] if found[0] else 0) != found:
             raise SdtuneError(f"LoRA '{name}' does not fit this model (layer {path} "
                               f"{'is missing' if base is None else 'has another width'}); "
                               "it was made for another model family or size.")
+
+
+def _lora_shapes(base: torch.nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """The (lora_A, lora_B) weight shapes peft gives `base` at `rank`; None for a layer LoRA cannot wrap."""
+    if isinstance(base, torch.nn.Linear):
+        return (rank, base.in_features), (base.out_features, rank)
+    if isinstance(base, torch.nn.Conv2d):
+        return (rank, base.in_channels, *base.kernel_size), (base.out_channels, rank, 1, 1)
+    return None
 
 
 def _adapter_name(name: str, model) -> str:

@@ -1,0 +1,74 @@
+"""Artifact sizes at full scale, without the memory full-size models need.
+
+The architecture is built on the meta device (shapes, no storage) and the method set up on it as for
+training. A method whose artifact is small gets its trained values as real zero tensors and writes its real
+file(s); one whose artifact holds the whole model (DreamBooth) says which tensors its files hold
+(`planned_files`), and their bytes come from shapes x dtype sizes (headers and config files aside).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import __version__
+
+GIB = 2**30
+
+
+def payload_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    """Bytes of tensor data a safetensors file of `tensors` holds (its header aside)."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _materialise(params: list[torch.nn.Parameter]) -> None:
+    """Give meta-device parameters real zero storage in place, so every module holding them sees it."""
+    for param in params:
+        if param.is_meta:
+            torch.utils.swap_tensors(param, torch.nn.Parameter(torch.zeros(param.shape, dtype=param.dtype),
+                                                               requires_grad=param.requires_grad))
+
+
+def method_size(spec: str, method_name: str, out_dir: Path) -> dict:
+    """What `method_name`'s default artifact for the `spec` architecture weighs, and how that was found."""
+    from . import methods
+    from .bench import DEFAULT_TOKEN, METHOD_TOKEN
+    from .config import DataConfig
+    from .model import build_from_config
+    from .train import _as_param_groups
+
+    model = build_from_config(spec, device="meta")
+    method_cls = methods.get(method_name)
+    cfg = method_cls.config_class()
+    method = method_cls(cfg)
+    if hasattr(method, "check_data"):
+        method.check_data(model, DataConfig(token=METHOD_TOKEN.get(method_name, DEFAULT_TOKEN), class_word="dog"))
+    params = [p for group in _as_param_groups(method.setup(model, cfg)) for p in group["params"]]
+    record = {"method": method_name, "model": spec, "trainable_params": sum(p.numel() for p in params)}
+    if hasattr(method, "planned_files"):
+        files = {name: payload_bytes(tensors) for name, tensors in method.planned_files(model, method_name).items()}
+        return {**record, "how": "from shapes", "files": files, "bytes": sum(files.values())}
+    _materialise(params)
+    card = {"method": method.name, "sdtune_version": __version__, "base_model": spec, "base_family": model.family,
+            "steps": "0", "seed": "0"}
+    paths = method.save(model, out_dir, method_name, card, None)
+    files = {p.name: p.stat().st_size for p in paths}
+    return {**record, "how": "written", "files": files, "bytes": sum(files.values())}
+
+
+def artifact_sizes(spec: str, method_names: list[str]) -> dict:
+    """Sizes of every method's artifact for one architecture."""
+    with tempfile.TemporaryDirectory(prefix="sdtune-sizes-") as tmp:
+        rows = [method_size(spec, name, Path(tmp)) for name in method_names]
+    return {"kind": "sizes", "model": spec, "rows": rows}
+
+
+def human_bytes(count: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} GiB"

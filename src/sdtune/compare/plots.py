@@ -1,0 +1,121 @@
+"""The report's pictures as PNG bytes (matplotlib, no display): a bar chart per metric, quality against
+training steps and seconds, and image grids of rows x evaluation prompts."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+BASE_COLOUR = "#9e9e9e"
+COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+THUMB = 96  # pixels: largest side of one image in a grid
+
+
+def _figure(width: float, height: float):
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt, plt.figure(figsize=(width, height), dpi=90)
+
+
+def _png(plt, fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def colour_of(index: int) -> str:
+    return COLOURS[index % len(COLOURS)]
+
+
+def bar_chart(title: str, bars: list[tuple[str, float | None, float | None, float | None]], ylabel: str = "",
+              log: bool = False) -> bytes:
+    """One bar per row: (name, value, low, high); low/high draw the interval; None values are left empty.
+    The first bar (the base model) is grey."""
+    plt, fig = _figure(6.4, 3.4)
+    ax = fig.add_subplot()
+    names = [b[0] for b in bars]
+    values = [np.nan if b[1] is None else b[1] for b in bars]
+    low = [0 if b[2] is None or b[1] is None else max(b[1] - b[2], 0) for b in bars]
+    high = [0 if b[3] is None or b[1] is None else max(b[3] - b[1], 0) for b in bars]
+    colours = [BASE_COLOUR if i == 0 and name == "base" else colour_of(i) for i, name in enumerate(names)]
+    ax.bar(range(len(bars)), values, color=colours, yerr=[low, high], capsize=4)
+    ax.set_xticks(range(len(bars)), names, rotation=20, ha="right")
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
+    ax.grid(axis="y", alpha=0.3)
+    return _png(plt, fig)
+
+
+def curve_chart(title: str, lines: list[tuple[str, list[tuple[float, float, float | None, float | None, float | None]]]],
+                base: tuple[float | None, float | None, float | None] | None) -> bytes:
+    """Quality against training steps (left) and seconds (right): per row (name, [(step, seconds, value,
+    low, high)]), interval as a band; the base model's value as a dashed line with its band."""
+    plt, fig = _figure(9.6, 3.4)
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, column, label in ((axes[0], 0, "training steps"), (axes[1], 1, "training seconds")):
+        for index, (name, points) in enumerate(lines):
+            points = [p for p in points if p[2] is not None]
+            if not points:
+                continue
+            x = [p[column] for p in points]
+            colour = colour_of(index + 1)
+            ax.plot(x, [p[2] for p in points], marker="o", color=colour, label=name)
+            ax.fill_between(x, [p[3] for p in points], [p[4] for p in points], color=colour, alpha=0.15)
+        if base is not None and base[0] is not None:
+            ax.axhline(base[0], color=BASE_COLOUR, linestyle="--", label="base")
+            ax.axhspan(base[1], base[2], color=BASE_COLOUR, alpha=0.15)
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(title)
+    axes[1].legend(fontsize=8, loc="best")
+    fig.suptitle(f"{title} along the run")
+    return _png(plt, fig)
+
+
+def mosaic(images: np.ndarray, columns: int = 2) -> np.ndarray:
+    """Images [k,H,W,3] tiled `columns` wide with 1-px white gaps, resized so the largest side is THUMB."""
+    from PIL import Image
+
+    k, h, w, _ = images.shape
+    scale = THUMB / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    resample = Image.NEAREST if scale >= 1 else Image.LANCZOS
+    tiles = [np.asarray(Image.fromarray(im).resize(size, resample)) for im in images]
+    rows = -(-k // columns)
+    out = np.full((rows * (size[1] + 1) - 1, columns * (size[0] + 1) - 1, 3), 255, dtype=np.uint8)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, columns)
+        out[r * (size[1] + 1): r * (size[1] + 1) + size[1], c * (size[0] + 1): c * (size[0] + 1) + size[0]] = tile
+    return out
+
+
+def image_grid(title: str, row_names: list[str], prompts: list[str], cells: list[list[np.ndarray | None]]) -> bytes:
+    """A grid with one row per method and one column per prompt; each cell a mosaic of that row's images
+    for that prompt (None: nothing to show)."""
+    import textwrap
+
+    plt, fig = _figure(1.45 * len(prompts) + 1.2, 1.55 * len(row_names) + 0.9)
+    axes = np.atleast_2d(fig.subplots(len(row_names), len(prompts), squeeze=False))
+    for r, name in enumerate(row_names):
+        for c, prompt in enumerate(prompts):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if cells[r][c] is not None:
+                ax.imshow(cells[r][c], interpolation="nearest")
+            if r == 0:
+                ax.set_title(textwrap.fill(prompt, 22), fontsize=7)
+            if c == 0:
+                ax.set_ylabel(name, fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.subplots_adjust(wspace=0.05, hspace=0.08)
+    return _png(plt, fig)

@@ -1,0 +1,186 @@
+""""Which method when": sentences derived from a comparison's numbers (results.json), never written ahead.
+
+A difference is called one only when the two 95% intervals do not overlap; rows whose intervals overlap
+the best one's are reported as tied with it.
+"""
+
+from __future__ import annotations
+
+SUBJECT_KEYS = ("subject_fidelity", "dino", "clip_i")
+PROMPT_KEYS = ("prompt_fidelity", "clip_t")
+PRIOR_KEY = "prior_preservation"
+REACHED = 0.9  # share of the final subject fidelity that counts as "reached"
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "–"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def _q(row: dict, key: str) -> dict | None:
+    return (row.get("quality") or {}).get(key)
+
+
+def above(a: dict | None, b: dict | None) -> bool:
+    """a is clearly higher than b: a's interval lies wholly above b's."""
+    return bool(a and b and a["low"] is not None and b["high"] is not None and a["low"] > b["high"])
+
+
+def _number(est: dict | None) -> float:
+    """An estimate's value for sorting (missing values last)."""
+    return float("-inf") if not est or est["value"] is None else est["value"]
+
+
+def _value(est: dict | None) -> str:
+    return "n/a" if not est or est["value"] is None else f"{est['value']:.2f}"
+
+
+def _names(rows: list[dict], key: str | None = None) -> str:
+    parts = [f"{r['name']} ({_value(_q(r, key))})" if key else r["name"] for r in rows]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _are(rows: list) -> str:
+    return "is" if len(rows) == 1 else "are"
+
+
+def _key(results: dict, keys: tuple[str, ...]) -> str | None:
+    present = {m["key"] for m in results["metrics"]}
+    return next((k for k in keys if k in present and k not in results.get("missing_metrics", {})), None)
+
+
+def reading(results: dict) -> list[str]:
+    """The report's "which method when" bullets."""
+    rows = [r for r in results["rows"] if r.get("quality")]
+    base = next((r for r in rows if r["method"] is None), None)
+    trained = [r for r in rows if r["method"]]
+    subject = _key(results, SUBJECT_KEYS)
+    if not trained:
+        return ["No method finished a run, so there is nothing to compare; see the errors in the table."]
+    if subject is None:
+        missing = "; ".join(sorted(set(results.get("missing_metrics", {}).values())))
+        return [f"Quality was not measured ({missing}), so only costs compare: " + _costs(trained)]
+    ranked = sorted(trained, key=lambda r: -_number(_q(r, subject)))
+    learners = [r for r in trained if above(_q(r, subject), _q(base, subject) if base else None)] if base else trained
+    out = [_subject_sentence(ranked, learners, base, subject)]
+    if learners:
+        out.append(f"Of the rows clearly above the base model, {_costs(learners)}")
+    out += _prior_sentences(trained, base)
+    prompt = _key(results, PROMPT_KEYS)
+    if prompt and base:
+        worse = [r for r in trained if above(_q(base, prompt), _q(r, prompt))]
+        if worse:
+            out.append(f"{_names(worse, prompt)} follow the prompts' other words less well than the base model "
+                       f"({_value(_q(base, prompt))}).")
+    out += _budget_sentences(learners, subject)
+    out += _recommendations(ranked, learners, subject)
+    return out
+
+
+def _subject_sentence(ranked: list[dict], learners: list[dict], base: dict | None, key: str) -> str:
+    best = _q(ranked[0], key)
+    tied = [r for r in ranked if r is ranked[0] or not above(best, _q(r, key))]
+    text = (f"{_names(tied, key)} learn the subject best" + (" (their 95% intervals overlap)" if len(tied) > 1 else "")
+            + ".")
+    rest = [r for r in ranked if r not in tied]
+    if rest:
+        text += f" Then come {_names(rest, key)}."
+    if base:
+        flat = [r for r in ranked if r not in learners]
+        text += f" The base model scores {_value(_q(base, key))}"
+        text += f"; {_names(flat)} {_are(flat)} not clearly above it." if flat else "; every method is clearly above it."
+    return text
+
+
+def _costs(rows: list[dict]) -> str:
+    def cost(row: dict, key: str) -> float | None:
+        spread = (row.get("cost") or {}).get(key)
+        return spread["mean"] if spread else None
+
+    parts = []
+    for key, what, fmt in (("wall_time_s", "trains fastest", lambda v: f"{v:.0f} s"),
+                           ("peak_memory_bytes", "needs the least peak memory", lambda v: human_bytes(v)),
+                           ("artifact_bytes", "writes the smallest file", lambda v: human_bytes(v))):
+        have = [r for r in rows if cost(r, key) is not None]
+        if have:
+            low, high = min(have, key=lambda r: cost(r, key)), max(have, key=lambda r: cost(r, key))
+            ratio = cost(high, key) / max(cost(low, key), 1e-9)
+            times = f"{ratio:.1f}x" if ratio < 10 else f"{ratio:,.0f}x"
+            parts.append(f"{low['name']} {what} ({fmt(cost(low, key))}"
+                         + (f"; {high['name']}: {fmt(cost(high, key))}, {times})" if ratio > 1.05 else ")"))
+    return "; ".join(parts) + "."
+
+
+def _prior_on(row: dict) -> bool:
+    return bool(row["settings"].get("train", {}).get("prior_preservation"))
+
+
+def _prior_sentences(trained: list[dict], base: dict | None) -> list[str]:
+    out = []
+    for on in [r for r in trained if _prior_on(r)]:
+        for off in [r for r in trained if r["method"] == on["method"] and not _prior_on(r)]:
+            a, b = _q(on, PRIOR_KEY), _q(off, PRIOR_KEY)
+            if a and b and a["value"] is not None and b["value"] is not None:
+                verdict = ("clearly better" if above(a, b) else "clearly worse" if above(b, a)
+                           else "not clearly different (intervals overlap)")
+                out.append(f"Prior preservation on {on['method']}: the class word keeps its meaning "
+                           f"{a['value']:.2f} [{a['low']:.2f}, {a['high']:.2f}] with it ({on['name']}) and "
+                           f"{b['value']:.2f} [{b['low']:.2f}, {b['high']:.2f}] without ({off['name']}): {verdict}.")
+    if base:
+        leaking = [r for r in trained if above(_q(base, PRIOR_KEY), _q(r, PRIOR_KEY))]
+        if leaking:
+            out.append(f"{_names(leaking, PRIOR_KEY)} let the subject leak into the class word (the base model "
+                       f"scores {_value(_q(base, PRIOR_KEY))} on prior preservation).")
+    return out
+
+
+def _budget_sentences(learners: list[dict], key: str) -> list[str]:
+    out = []
+    for row in learners:
+        curve = [p for p in row.get("curve", []) if (p["quality"].get(key) or {}).get("value") is not None]
+        if len(curve) < 2:
+            continue
+        final = curve[-1]["quality"][key]
+        first = next(p for p in curve if p["quality"][key]["value"] >= REACHED * final["value"])
+        text = (f"{row['name']} reaches {REACHED:.0%} of its final subject score by step {first['step']} "
+                f"({first['seconds']:.0f} s of {curve[-1]['seconds']:.0f} s)")
+        if above(final, curve[-2]["quality"][key]):
+            text += " and was still improving at the end: more steps would likely help"
+        out.append(text + ".")
+    return out
+
+
+def _recommendations(ranked: list[dict], learners: list[dict], key: str) -> list[str]:
+    if not learners:
+        return ["No method learned the subject clearly with these settings: raise the steps or learning rates "
+                "(--config) and compare again."]
+    best = max(learners, key=lambda r: _q(r, key)["value"])
+    tied = [r for r in ranked if r in learners and not above(_q(best, key), _q(r, key))]
+    text = f"**When the subject must look right**: {_names(tied)}" + (" (tied)" if len(tied) > 1 else "")
+    kept = [r for r in tied if _q(r, PRIOR_KEY) and _q(r, PRIOR_KEY)["value"] is not None]
+    if len(tied) > 1 and kept:
+        keeper = max(kept, key=lambda r: _q(r, PRIOR_KEY)["value"])
+        text += f"; of these {keeper['name']} keeps the class word best ({_value(_q(keeper, PRIOR_KEY))})"
+    out = [text + "."]
+    sized = [r for r in learners if (r.get("cost") or {}).get("artifact_bytes")]
+    if sized:
+        small = min(sized, key=lambda r: r["cost"]["artifact_bytes"]["mean"])
+        share = _q(small, key)["value"] / max(_q(best, key)["value"], 1e-9)
+        out.append(f"**When the file must be small**: {small['name']} "
+                   f"({human_bytes(small['cost']['artifact_bytes']['mean'])}, {share:.0%} of the best subject score).")
+    kept = [r for r in learners if _q(r, PRIOR_KEY) and _q(r, PRIOR_KEY)["value"] is not None]
+    if kept:
+        keeper = max(kept, key=lambda r: _q(r, PRIOR_KEY)["value"])
+        out.append(f"**When the class word must keep its meaning**: {keeper['name']} "
+                   f"(prior preservation {_value(_q(keeper, PRIOR_KEY))}).")
+    timed = [r for r in learners if (r.get("cost") or {}).get("wall_time_s")]
+    if timed:
+        quick = min(timed, key=lambda r: r["cost"]["wall_time_s"]["mean"])
+        out.append(f"**When training time is short**: {quick['name']} "
+                   f"({quick['cost']['wall_time_s']['mean']:.0f} s, subject score {_value(_q(quick, key))}).")
+    return out

@@ -1,0 +1,166 @@
+"""What a comparison runs: the rows (base model + one per method setting), their settings and the evaluation.
+
+Settings come from recipes.yaml (a profile for the builtin model, one for real models), deep-merged with
+the user's --config file; every row's sections are validated here, before anything trains.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..config import DataConfig, TrainConfig, build, load_config_file
+from ..errors import SdtuneError
+
+RECIPES = Path(__file__).with_name("recipes.yaml")
+BASE_ROW = "base"
+EVAL_KEYS = ("sample_steps", "guidance", "images_per_prompt", "curve_images_per_prompt", "curve_points",
+             "prompts", "class_prompts")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How every row is evaluated: prompt templates ({token}, {class_word}) and sampling settings."""
+
+    prompts: tuple[str, ...]
+    class_prompts: tuple[str, ...]
+    sample_steps: int = 20
+    guidance: float = 7.5
+    images_per_prompt: int = 4
+    curve_images_per_prompt: int = 2
+    curve_points: int = 3
+
+
+@dataclass
+class Row:
+    """One line of the comparison: a method with its settings, or the untouched base model (method None)."""
+
+    name: str
+    method: str | None
+    token: str
+    data: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+    method_cfg: dict = field(default_factory=dict)
+
+    @property
+    def steps(self) -> int:
+        return int(self.train.get("steps", 0)) if self.method else 0
+
+    def settings(self, shared: dict) -> dict:
+        """The row's settings as the report shows them: the base row holds the shared data settings, the
+        others their method, token, train and method sections and any data setting of their own."""
+        if self.method is None:
+            return {"data": self.data}
+        own = {k: v for k, v in self.data.items() if shared.get(k) != v}
+        out = {"method": self.method, "token": self.token, "train": self.train, self.method: self.method_cfg}
+        return {**out, "data": own} if own else out
+
+
+@dataclass
+class Plan:
+    """Everything `sdtune compare` will do, resolved and validated."""
+
+    profile: str
+    token: str
+    class_word: str
+    evaluation: EvalSettings
+    rows: list[Row]
+
+
+def profile_for(model: str, images: str) -> str:
+    """The builtin model on its own subject uses the toy-world profile; anything else the real-model one."""
+    return "builtin" if model == "builtin" and not images else "real"
+
+
+def load_plan(profile: str, token: str, class_word: str, methods: str = "all", config: str | None = None,
+              default_prompts: tuple[tuple[str, ...], tuple[str, ...]] | None = None) -> Plan:
+    """Resolve the profile (plus --config) into validated rows; `default_prompts` are (subject, class)
+    prompt templates used when the profile names none (the toy world's evaluation prompts)."""
+    recipe = merge(yaml.safe_load(RECIPES.read_text(encoding="utf-8"))[profile],
+                   load_config_file(config) if config else {})
+    evaluation = _evaluation(recipe.get("eval", {}), default_prompts)
+    shared = _with_class_word(recipe.get("data", {}), class_word)
+    rows = [Row(BASE_ROW, None, token, shared)]
+    for name, spec in _selected(recipe.get("rows", {}), methods).items():
+        rows.append(_row(name, spec, shared, token, class_word))
+    return Plan(profile, token, class_word, evaluation, rows)
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Deep merge of two nested dicts (override wins), without touching either."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _evaluation(values: dict, default_prompts) -> EvalSettings:
+    unknown = sorted(set(values) - set(EVAL_KEYS))
+    if unknown:
+        raise SdtuneError(f"Unknown setting 'eval.{unknown[0]}'; known settings are {', '.join(EVAL_KEYS)}.")
+    prompts = tuple(values.get("prompts") or (default_prompts[0] if default_prompts else ()))
+    class_prompts = tuple(values.get("class_prompts") or (default_prompts[1] if default_prompts else ())
+                          or (without_token(p) for p in prompts))
+    if not prompts or any("{token}" not in p for p in prompts):
+        raise SdtuneError("eval.prompts must be a list of prompts that each contain {token}.")
+    numbers = {k: values[k] for k in EVAL_KEYS[:5] if k in values}
+    for key, value in numbers.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < (0 if key == "guidance" else 1):
+            raise SdtuneError(f"eval.{key} is {value!r}; it must be a positive number.")
+    return EvalSettings(prompts, class_prompts, **numbers)
+
+
+def _with_class_word(data: dict, class_word: str) -> dict:
+    """Data settings with {class_word} filled into the class prompt (the training loop takes it verbatim)."""
+    out = dict(data)
+    if isinstance(out.get("class_prompt"), str):
+        out["class_prompt"] = out["class_prompt"].replace("{class_word}", class_word)
+    return out
+
+
+def without_token(template: str) -> str:
+    """A prompt template with its {token} word left out (the class prompt / the text CLIP-T compares with)."""
+    return " ".join(w for w in template.split() if w != "{token}")
+
+
+def _selected(rows: dict, methods: str) -> dict:
+    """Rows named by --methods: 'all', or a comma list of row names and/or method names."""
+    from ..methods import METHODS
+
+    if methods.strip() == "all":
+        return rows
+    picked: dict = {}
+    for item in (m.strip() for m in methods.split(",") if m.strip()):
+        matches = {n: s for n, s in rows.items() if n == item or (isinstance(s, dict) and s.get("method") == item)}
+        if not matches:
+            known = sorted(set(rows) | set(METHODS))
+            raise SdtuneError(f"--methods names '{item}', which is no row or method; choose from all, {', '.join(known)}.")
+        picked.update(matches)
+    return {n: s for n, s in rows.items() if n in picked}
+
+
+def _row(name: str, spec, shared: dict, token: str, class_word: str) -> Row:
+    """A validated row: its sections build into the same config objects `sdtune train` uses."""
+    from .. import methods
+
+    if not isinstance(spec, dict) or not spec.get("method"):
+        raise SdtuneError(f"Row '{name}' in the compare recipe needs a `method` (one of lora, textual-inversion, "
+                          "dreambooth, hypernetwork).")
+    method = spec["method"]
+    method_cls = methods.get(method)
+    unknown = sorted(set(spec) - {"method", "token", "data", "train", method})
+    if unknown:
+        raise SdtuneError(f"Row '{name}' has an unknown section '{unknown[0]}'; use data, train, token or {method}.")
+    row_token = str(spec.get("token", "{token}")).replace("{token}", token)
+    data = merge(shared, _with_class_word(spec.get("data") or {}, class_word))
+    row = Row(name, method, row_token, data, dict(spec.get("train") or {}), dict(spec.get(method) or {}))
+    build(DataConfig, {**data, "token": row_token, "class_word": class_word}, f"{name}.data")
+    build(TrainConfig, row.train, f"{name}.train")
+    build(method_cls.config_class, row.method_cfg, f"{name}.{method}")
+    return row

@@ -1,0 +1,174 @@
+"""report.md and report.html (the same document; the HTML embeds every picture) plus results.json and the
+charts as PNG files, all written atomically into the output folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from ..artifacts import atomic_write_via
+from . import plots
+from .document import Block, Bullets, Code, Figure, Heading, Paragraph, Table, to_html, to_markdown
+from .reading import human_bytes, reading
+from .sampling import load_samples
+
+TITLE = "sdtune compare: DreamBooth, Textual Inversion, LoRA and Hypernetwork on one subject"
+COSTS = (("wall_time_s", "Train time", False), ("peak_memory_bytes", "Peak memory", False),
+         ("trainable_params", "Trainable params", True), ("artifact_bytes", "Artifact", True))
+
+
+def write_report(out: Path, results: dict) -> Path:
+    """Write results.json, charts/*.png, report.md and report.html into `out`; return report.html."""
+    out = Path(out)
+    blocks = build_blocks(results, out)
+    _write(out / "results.json", json.dumps(results, indent=1))
+    for block in blocks:
+        if isinstance(block, Figure):
+            atomic_write_via(out / block.file, lambda tmp, data=block.png: tmp.write_bytes(data))
+    _write(out / "report.md", to_markdown(blocks))
+    return _write(out / "report.html", to_html(blocks, TITLE))
+
+
+def _write(path: Path, text: str) -> Path:
+    return atomic_write_via(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def build_blocks(results: dict, out: Path) -> list[Block]:
+    """The report, top to bottom: what ran, the table, the reading, charts, curves, images, settings, machine."""
+    metrics = results["metrics"]
+    blocks: list[Block] = [Heading(1, TITLE), Paragraph(_summary(results)), Heading(2, "Results"),
+                           _table(results), Bullets(_notes(results)), Heading(2, "Which method when"),
+                           Bullets(reading(results)), Heading(2, "Quality and cost per method")]
+    blocks += [_quality_bar(results, m) for m in metrics if m["key"] not in results["missing_metrics"]]
+    blocks += [_cost_bar(results, key, label, log) for key, label, log in COSTS]
+    blocks += [Heading(2, "Quality against training budget"),
+               Paragraph("Each method evaluated along its run (fewer images at the earlier points): the method and "
+                         "its budget are separate questions. Bands are 95% intervals; dashed: the base model.")]
+    blocks += [_curves(results, m) for m in metrics if m["key"] not in results["missing_metrics"]]
+    blocks += [Heading(2, "Images"), *_grids(results, out)]
+    blocks += [Heading(2, "Settings"), Code(yaml.safe_dump(_settings(results), sort_keys=False, width=110)),
+               Heading(2, "Machine and versions"), Bullets(_machine(results))]
+    return blocks
+
+
+def _summary(results: dict) -> str:
+    opts, subject = results["options"], results["subject"]
+    where = "the builtin toy-world subject" if results["profile"] == "builtin" else f"the images in `{opts['images']}`"
+    seeds = results["seeds"]
+    return (f"Model `{opts['model']}`, {where} (token `{subject['token']}`, class word `{subject['class_word']}`); "
+            f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))}); the whole comparison "
+            f"took {results['wall_time_s']:.0f} s on {results['machine']['cpu']} "
+            f"({results['machine']['torch_threads']} threads, accelerator: {results['machine']['accelerator']}); "
+            f"{results['created']}.")
+
+
+def _estimate(est: dict | None) -> str:
+    if not est or est["value"] is None:
+        return "n/a"
+    return f"{est['value']:.3f} [{est['low']:.3f}, {est['high']:.3f}]"
+
+
+def _cost(spread: dict | None, key: str) -> str:
+    if not spread:
+        return "–"
+    fmt = {"wall_time_s": lambda v: f"{v:.1f} s", "trainable_params": lambda v: f"{v:,.0f}"}.get(key, human_bytes)
+    text = fmt(spread["mean"])
+    return text + (f" ({fmt(spread['min'])}–{fmt(spread['max'])})" if spread["min"] != spread["max"] else "")
+
+
+def _table(results: dict) -> Table:
+    metrics = results["metrics"]
+    header = ["Method", "Steps", *(label for _, label, _ in COSTS), *(m["label"] + " ↑" for m in metrics)]
+    rows = []
+    for row in results["rows"]:
+        name = "base (untouched)" if row["method"] is None else row["name"]
+        if not row.get("quality"):
+            rows.append([name, str(row["steps"]), "failed"] + [""] * (len(header) - 3))
+            continue
+        costs = [_cost((row.get("cost") or {}).get(key), key) for key, _, _ in COSTS]
+        rows.append([name, str(row["steps"]), *costs, *(_estimate(row["quality"].get(m["key"])) for m in metrics)])
+    return Table(header, rows)
+
+
+def _notes(results: dict) -> list[str]:
+    notes = [f"**{m['label']}**: {m['measures']}." for m in results["metrics"]]
+    notes += [f"**{_label(results, key)}** not measured: {why}." for key, why in results["missing_metrics"].items()]
+    counts = [e["n"] for r in results["rows"] for e in (r.get("quality") or {}).values() if e]
+    notes.append("Quality: value [95% bootstrap interval] over every evaluation image of every seed"
+                 + (f" ({counts[0]} images per row)" if counts else "") + "; costs: mean over seeds (min–max). Peak "
+                 "memory is the training process's peak resident set on CPU, CUDA peak allocated on GPU; each run "
+                 "trains in its own process.")
+    if results.get("class_images") and results["class_images"].get("count"):
+        ci = results["class_images"]
+        notes.append(f"Prior preservation trains on {ci['count']} class images the base model generated once "
+                     f"({ci['seconds']:.0f} s, not in any row's train time).")
+    notes += [f"**{r['name']}** failed: {e}" for r in results["rows"] for e in r.get("errors", [])]
+    return notes
+
+
+def _label(results: dict, key: str) -> str:
+    return next((m["label"] for m in results["metrics"] if m["key"] == key), key)
+
+
+def _quality_bar(results: dict, metric: dict) -> Figure:
+    bars = [(r["name"], *_triple(r["quality"].get(metric["key"]))) for r in results["rows"] if r.get("quality")]
+    return Figure(metric["label"], f"charts/{metric['key']}.png", plots.bar_chart(f"{metric['label']} (higher is "
+                                                                                  "better; 95% intervals)", bars))
+
+
+def _triple(est: dict | None) -> tuple:
+    return (None, None, None) if not est else (est["value"], est["low"], est["high"])
+
+
+def _cost_bar(results: dict, key: str, label: str, log: bool) -> Figure:
+    bars = [(r["name"], s["mean"], s["min"], s["max"]) for r in results["rows"]
+            if (s := (r.get("cost") or {}).get(key))]
+    title = {"wall_time_s": "Train time (s)", "peak_memory_bytes": "Peak memory (bytes)",
+             "artifact_bytes": "Artifact size (bytes)"}.get(key, label)
+    return Figure(label, f"charts/cost_{key}.png", plots.bar_chart(title + (", log scale" if log else ""), bars, log=log))
+
+
+def _curves(results: dict, metric: dict) -> Figure:
+    key = metric["key"]
+    base = next((r for r in results["rows"] if r["method"] is None and r.get("quality")), None)
+    lines = [(r["name"], [(p["step"], p["seconds"], *_triple(p["quality"].get(key))) for p in r["curve"]])
+             for r in results["rows"] if r["method"] and r.get("curve")]
+    chart = plots.curve_chart(metric["label"], lines, _triple(base["quality"].get(key)) if base else None)
+    return Figure(f"{metric['label']} along the run", f"charts/curve_{key}.png", chart)
+
+
+def _grids(results: dict, out: Path) -> list[Block]:
+    """Rows x evaluation prompts (first seed, last step), for the subject prompts and the class prompts."""
+    rows = [r for r in results["rows"] if r.get("samples") and (out / r["samples"]).is_file()]
+    if not rows:
+        return [Paragraph("No evaluation images were found beside this report.")]
+    samples = [load_samples(out / r["samples"]) for r in rows]
+    names = [r["name"] for r in rows]
+    blocks: list[Block] = []
+    for kind, images_key, index_key, title in (
+            ("subject", "subject", "subject_prompt", "Subject prompts (the subject's token in a new scene)"),
+            ("class", "class_images", "class_prompt", "Class prompts (prior preservation: no token)")):
+        prompts = results["evaluation"]["prompts" if kind == "subject" else "class_prompts"]
+        cells = [[_cell(s[images_key], s[index_key], j) for j in range(len(prompts))] for s in samples]
+        blocks.append(Figure(title, f"charts/grid_{kind}.png", plots.image_grid(title, names, prompts, cells)))
+    return blocks
+
+
+def _cell(images: np.ndarray, index: np.ndarray, prompt: int) -> np.ndarray | None:
+    picked = images[index == prompt][:4]
+    return plots.mosaic(picked) if len(picked) else None
+
+
+def _settings(results: dict) -> dict:
+    shared = {"evaluation": {k: v for k, v in results["evaluation"].items() if k not in ("prompts", "class_prompts")}}
+    return {**shared, **{r["name"]: r["settings"] for r in results["rows"]}}
+
+
+def _machine(results: dict) -> list[str]:
+    machine, versions = results["machine"], results["versions"]
+    items = [f"{k.replace('_', ' ')}: {v}" for k, v in machine.items()]
+    items.append("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v))
+    return items

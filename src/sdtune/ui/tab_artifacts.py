@@ -1,0 +1,110 @@
+"""Artifacts tab: list what the workspace holds, inspect a file's run card, convert it, add files."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from ..errors import SdtuneError
+from .app import UIState, notice
+from .library import classify, scan
+from .state import unexpected
+
+TARGETS = ("sdtune", "diffusers", "kohya", "a1111")
+HEADERS = ["name", "kind", "layout", "file"]
+
+
+def build(state: UIState) -> None:
+    import gradio as gr
+
+    with gr.Tab("Artifacts", id="artifacts", elem_id="tab-artifacts") as tab:
+        with gr.Row(equal_height=True):
+            gr.Markdown("Artifacts in the workspace (trainings, added files) and the `--artifacts` folders.")
+            refresh = gr.Button("Refresh", size="sm", scale=0, min_width=100, elem_id="art-refresh")
+        table = gr.Dataframe(artifact_rows(state), headers=HEADERS, interactive=False, elem_id="art-table",
+                             max_height=260, wrap=True)
+        with gr.Row():
+            with gr.Column(scale=5):
+                chosen = gr.Dropdown(artifact_choices(state), value=None, label="Artifact", elem_id="art-choice")
+                details = gr.Textbox("", label="sdtune inspect", lines=14, max_lines=30, interactive=False,
+                                     elem_id="art-details")
+            with gr.Column(scale=4):
+                target = gr.Dropdown(list(TARGETS), value="diffusers", label="Convert to", elem_id="art-to")
+                output = gr.Textbox("", label="Output file", elem_id="art-output")
+                base = gr.Textbox(state.models.spec, label="Base model whose layer names the file uses (empty: "
+                                  "guess by family)", elem_id="art-base")
+                convert = gr.Button("Convert", variant="primary", elem_id="art-convert")
+                upload = gr.File(label="Add artifact files to the workspace", file_count="multiple",
+                                 file_types=[".safetensors", ".pt", ".bin", ".ckpt"], elem_id="art-upload", height=120)
+                message = gr.HTML("", elem_id="art-notice")
+
+    def listing() -> tuple:
+        return artifact_rows(state), gr.Dropdown(choices=artifact_choices(state))
+
+    refresh.click(listing, outputs=[table, chosen])
+    tab.select(listing, outputs=[table, chosen])
+    chosen.change(_inspect, inputs=[chosen, target], outputs=[details, output, message])
+    target.change(default_output, inputs=[chosen, target], outputs=output)
+    convert.click(_convert, inputs=[chosen, output, target, base], outputs=message).then(
+        listing, outputs=[table, chosen])
+    upload.upload(lambda files: _add_files(state, files), inputs=upload, outputs=message).then(
+        listing, outputs=[table, chosen])
+
+
+def artifact_rows(state: UIState) -> list[list[str]]:
+    root = state.workspace.root
+    rows = []
+    for entry in scan(state.workspace.artifact_dirs()):
+        shown = entry.path.relative_to(root) if entry.path.is_relative_to(root) else entry.path
+        rows.append([entry.name, entry.kind, entry.layout, str(shown)])
+    return rows or [["", "", "no artifacts yet: train one or add files", ""]]
+
+
+def artifact_choices(state: UIState) -> list[tuple[str, str]]:
+    return [(entry.label, str(entry.path)) for entry in scan(state.workspace.artifact_dirs())]
+
+
+def default_output(path: str | None, target: str) -> str:
+    """PATH's folder, stem + target layout; A1111 embeddings and hypernetworks are .pt files."""
+    if not path:
+        return ""
+    source = Path(path)
+    kind = classify(source).kind if source.is_file() else "other"
+    suffix = ".pt" if target == "a1111" and kind != "lora" else ".safetensors"
+    return str(source.with_name(f"{source.stem}-{target}{suffix}"))
+
+
+def _inspect(path: str | None, target: str) -> tuple:
+    from ..artifacts import describe_artifact
+
+    if not path:
+        return "", "", ""
+    try:
+        return describe_artifact(Path(path)), default_output(path, target), ""
+    except SdtuneError as exc:
+        return "", "", notice(str(exc), error=True)
+
+
+def _convert(path: str | None, output: str, target: str, base: str) -> str:
+    from ..convert import convert_file
+
+    if not path or not (output or "").strip():
+        return notice("Choose an artifact and an output file first.", error=True)
+    try:
+        written = convert_file(Path(path), Path(output.strip()), target, (base or "").strip() or None)
+    except SdtuneError as exc:
+        return notice(str(exc), error=True)
+    except Exception as exc:  # noqa: BLE001 - shown on the page in one line, logged in full
+        return notice(unexpected("Conversion", exc), error=True)
+    return notice(f"Wrote {written}.")
+
+
+def _add_files(state: UIState, files) -> str:
+    if not files:
+        return ""
+    names = []
+    for item in files:
+        source = Path(getattr(item, "name", item))
+        shutil.copyfile(source, state.workspace.uploads / source.name)
+        names.append(source.name)
+    return notice(f"Added {', '.join(names)} to {state.workspace.uploads}.")

@@ -1,0 +1,145 @@
+"""The compare report built from a small results.json: the markdown table holds every method and column,
+the reading follows the numbers, and report.html shows every chart and image grid in headless Chromium."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+import numpy as np
+import pytest
+
+from sdtune.compare.judge import TOY_METRICS
+from sdtune.compare.reading import reading
+from sdtune.compare.report import write_report
+from sdtune.compare.sampling import save_samples
+
+PROMPTS = [f"a sks circle on a {c} background" for c in ("red", "orange", "black")]
+CLASS_PROMPTS = [f"a {c} circle" for c in ("yellow", "purple", "red")]
+METHOD_ROWS = ("dreambooth", "dreambooth-no-prior", "textual-inversion", "lora", "hypernetwork")
+
+
+def est(value: float, half: float = 0.04) -> dict:
+    return {"value": value, "low": value - half, "high": value + half, "n": 12}
+
+
+def quality(subject: float, prompt: float, prior: float, diversity: float = 0.1) -> dict:
+    return {"subject_fidelity": est(subject), "prompt_fidelity": est(prompt), "prior_preservation": est(prior),
+            "diversity": est(diversity, 0.01)}
+
+
+def spread(value: float, vary: float = 0.1) -> dict:
+    return {"mean": value, "min": value * (1 - vary), "max": value * (1 + vary),
+            "values": [value * (1 - vary), value * (1 + vary)]}
+
+
+def method_row(name: str, subject: float, prior: float, wall: float, artifact: float, params: int) -> dict:
+    method = "dreambooth" if name.startswith("dreambooth") else name
+    q = quality(subject, 0.8, prior)
+    half = quality(subject * 0.8, 0.8, prior)
+    return {"name": name, "method": method, "steps": 100, "seeds_ok": 2, "errors": [],
+            "settings": {"method": method, "train": {"steps": 100, "prior_preservation": name == "dreambooth"}},
+            "cost": {"wall_time_s": spread(wall), "peak_memory_bytes": spread(6e8), "trainable_params": spread(params, 0),
+                     "artifact_bytes": spread(artifact, 0)},
+            "memory_kind": "peak_rss", "quality": q, "quality_per_seed": None,
+            "curve": [{"step": 50, "seconds": wall / 2, "quality": half}, {"step": 100, "seconds": wall, "quality": q}],
+            "samples": f"runs/{name}/seed-0/step-000100.npz"}
+
+
+def fake_results() -> dict:
+    base = {"name": "base", "method": None, "steps": 0, "seeds_ok": 2, "errors": [], "settings": {"data": {}},
+            "cost": {k: None for k in ("wall_time_s", "peak_memory_bytes", "trainable_params", "artifact_bytes")},
+            "quality": quality(0.05, 0.9, 0.85), "curve": [{"step": 0, "seconds": 0.0, "quality": quality(0.05, 0.9, 0.85)}],
+            "samples": "runs/base/seed-0/step-000000.npz"}
+    rows = [base,
+            method_row("dreambooth", 0.85, 0.80, 120, 17e6, 4_310_980),
+            method_row("dreambooth-no-prior", 0.88, 0.30, 100, 17e6, 4_310_980),
+            method_row("textual-inversion", 0.40, 0.85, 50, 1.2e3, 128),
+            method_row("lora", 0.80, 0.70, 60, 4.8e5, 110_080),
+            method_row("hypernetwork", 0.07, 0.85, 70, 7e5, 173_376)]
+    return {"sdtune_version": "0.1.0", "created": "2026-11-26T00:00:00+00:00", "profile": "builtin",
+            "options": {"model": "builtin", "images": ""}, "subject": {"token": "sks", "class_word": "circle"},
+            "seeds": [0, 1], "wall_time_s": 500.0,
+            "evaluation": {"prompts": PROMPTS, "class_prompts": CLASS_PROMPTS, "sample_steps": 20},
+            "metrics": [{"key": m.key, "label": m.label, "measures": m.measures} for m in TOY_METRICS],
+            "missing_metrics": {}, "class_images": {"count": 24, "seconds": 30.0, "error": None}, "rows": rows,
+            "machine": {"cpu": "test CPU", "torch_threads": 2, "accelerator": "none"}, "versions": {"torch": "2.x"}}
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory):
+    """The report written from fake_results() beside one evaluation .npz per row (random pictures)."""
+    tmp_path = tmp_path_factory.mktemp("report")
+    rng = np.random.default_rng(0)
+    for row in fake_results()["rows"]:
+        n = 2 * len(PROMPTS)
+        index = np.repeat(np.arange(len(PROMPTS)), 2)
+        images = rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8)
+        path = tmp_path / row["samples"]
+        path.parent.mkdir(parents=True)
+        save_samples(path, (images, index), (images[::-1].copy(), index))
+    write_report(tmp_path, fake_results())
+    return tmp_path
+
+
+def markdown_table(text: str) -> list[list[str]]:
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in line.strip("|").split(" | ")] for line in lines]
+
+
+def test_markdown_table_has_every_method_and_column(report_dir):
+    table = markdown_table((report_dir / "report.md").read_text())
+    header, rows = table[0], table[2:]
+    assert header == ["Method", "Steps", "Train time", "Peak memory", "Trainable params", "Artifact",
+                      "Subject fidelity ↑", "Prompt fidelity ↑", "Prior preservation ↑", "Diversity ↑"]
+    assert [r[0] for r in rows] == ["base (untouched)", *METHOD_ROWS]
+    assert all(len(r) == len(header) for r in rows)
+    lora = rows[4]
+    assert lora[6] == "0.800 [0.760, 0.840]" and lora[4] == "110,080" and lora[5] == "480.0 KB"
+    assert json.loads((report_dir / "results.json").read_text()) == fake_results()
+    for figure in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (report_dir / "report.md").read_text()):
+        assert (report_dir / figure).stat().st_size > 1000  # every linked chart was written beside the report
+
+
+def test_reading_follows_the_numbers():
+    text = "\n".join(reading(fake_results()))
+    assert "dreambooth-no-prior (0.88), dreambooth (0.85) and lora (0.80) learn the subject best" in text
+    assert "hypernetwork is not clearly above it" in text
+    assert "Prior preservation on dreambooth" in text and ": clearly better." in text
+    assert "dreambooth-no-prior (0.30) and lora (0.70) let the subject leak into the class word" in text
+    assert "**When the subject must look right**: dreambooth-no-prior, dreambooth and lora (tied); of these " \
+           "dreambooth keeps the class word best (0.80)." in text
+    assert "textual-inversion writes the smallest file" in text
+    assert "**When the class word must keep its meaning**: textual-inversion" in text
+    # Swap the numbers and the reading swaps with them: it is derived, not written in advance.
+    swapped = copy.deepcopy(fake_results())
+    swapped["rows"][5]["quality"] = {**quality(0.95, 0.8, 0.9), "subject_fidelity": est(0.97, 0.02)}
+    swapped["rows"][5]["curve"][-1]["quality"] = swapped["rows"][5]["quality"]
+    assert "**When the subject must look right**: hypernetwork." in "\n".join(reading(swapped))
+
+
+def test_reading_says_when_quality_was_not_measured():
+    results = fake_results()
+    results["missing_metrics"] = {m["key"]: "no --dino-model given" for m in results["metrics"]}
+    (line,) = reading(results)
+    assert line.startswith("Quality was not measured (no --dino-model given)") and "trains fastest" in line
+
+
+def test_html_report_shows_every_picture_in_chromium(report_dir, tmp_path_factory):
+    from headless import chromium
+
+    html_path = report_dir / "report.html"
+    figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (report_dir / "report.md").read_text())
+    html = html_path.read_text()
+    sources = re.findall(r'<img[^>]* src="([^"]+)"', html)
+    assert len(sources) == len(figures) == 4 + 4 + 4 + 2  # quality bars, cost bars, curves, two image grids
+    assert all(src.startswith("data:image/png;base64,") for src in sources)  # self-contained
+    with chromium(tmp_path_factory.mktemp("chromium-profile")) as browser:
+        browser.get(html_path.as_uri())
+        images = browser.execute_script(
+            "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight, i.alt])")
+        rows = browser.execute_script("return document.querySelectorAll('table tbody tr').length")
+    assert len(images) == len(figures)
+    assert all(done and width > 0 and height > 0 for done, width, height, _ in images), images
+    assert rows == 6
