@@ -177,7 +177,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None, started: float | None = None) -> Path:
     """Run the recipe; returns the pipeline folder (or its .tar with --pack)."""
     from diffusers import DDPMScheduler
 
@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> Path:
             raise SdtuneError(f"No checkpoint at {args.ckpt}; run without --resume first.")
         resume = ck.load_checkpoint(args.ckpt)
     cfg = json.loads(resume["config"]) if resume else load_config(args.config, args.set)
-    run = loop.Run(args, cfg, _T0)
+    # The budget counts from process start when run as a command (imports included), else from this call.
+    run = loop.Run(args, cfg, time.monotonic() if started is None else started)
     run.log(f"[start] device {run.device} budget {args.minutes} min, resume from "
             f"{resume['phase'] + ' step ' + str(resume['step']) if resume else 'nothing'}")
     run.log(f"[config] {json.dumps(cfg)}")
@@ -268,6 +269,6 @@ def _finish(run: loop.Run, out: Path) -> Path:
 
 if __name__ == "__main__":
     try:
-        main()
+        main(started=_T0)
     except SdtuneError as e:
         raise SystemExit(f"error: {e}")
