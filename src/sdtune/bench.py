@@ -15,6 +15,7 @@ import logging
 import math
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -204,6 +205,9 @@ def run_one(spec: BenchSpec, method_name: str, compile_mode: str, device: torch.
     clock = StepClock(device, spec.warmup, spec.steps)
     model = None
     try:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)  # each run's peak is its own (train() resets it again
+            # after loading, except for methods that keep the frozen weights in full precision)
         model = build_model(spec.model, device)
         resolution = spec.resolution or model.resolution
         precision = spec.precision(device)
@@ -245,6 +249,14 @@ def _figures(clock: StepClock, result, spec: BenchSpec, device: torch.device) ->
     return figures
 
 
+def _progress_line(run: dict) -> str:
+    if run["error"]:
+        return f"{run['method']} {run['compile']}: error {run['error']}"
+    return (f"{run['method']} {run['compile']}->{run['compile_used']} bs{run['batch_size']} {run['resolution']} px: "
+            f"{run['steps_per_s']:.2f} steps/s, peak {run['peak_gib']:.2f} GiB, first step {run['first_step_s']:.1f} s, "
+            f"{run['tflop_per_step']:.3f} TFLOP/step")
+
+
 def run_bench(spec: BenchSpec) -> dict:
     """Every run of `spec` plus the machine and the matrix-product ceiling its MFU figures use."""
     from .runtime import resolve_device
@@ -257,6 +269,7 @@ def run_bench(spec: BenchSpec) -> dict:
         for method_name in spec.methods:
             for mode in spec.compile_modes:
                 runs.append(run_one(spec, method_name, mode, device, work))
+                print(f"bench: {_progress_line(runs[-1])}", file=sys.stderr, flush=True)  # survives a kill
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.precision(device), torch.float32)
     ceiling = matmul_ceiling(device, dtype)
     for run in runs:
