@@ -62,6 +62,33 @@ def test_class_prompt_follows_the_model_and_the_user():
     assert class_images.class_prompt(model, DataConfig(class_word="dog", class_prompt="dogs")) == "dogs"
 
 
+def test_several_class_prompts_each_image_trained_with_its_own(tmp_path):
+    """A model declaring several class prompts (the builtin model does) gets images of each, every image
+    paired with the prompt it was generated from, in the manifest and in the training set."""
+    from accelerate import Accelerator
+
+    from sdtune.config import TrainConfig
+    from sdtune.trainset import build_training_set
+
+    model = load("tiny:sd1")
+    model.extras["class_prompt_templates"] = ["a red {class_word}", "a blue {class_word}"]
+    data = DataConfig(class_word="dog", num_class_images=3, class_image_steps=1, images=str(tmp_path / "subject"))
+    records = class_images.prepare(model, data, tmp_path / "class", progress=False)
+    assert [r.caption for r in records] == ["a red dog", "a blue dog", "a red dog"]
+    manifest = json.loads((tmp_path / "class" / class_images.MANIFEST).read_text())["images"]
+    assert [(e["seed"], e["prompt"]) for e in manifest] == [(0, "a red dog"), (1, "a blue dog"), (2, "a red dog")]
+    # --class-prompt still means one prompt for every image; the cached ones of other prompts do not fit.
+    mine = class_images.prepare(model, DataConfig(class_word="dog", class_prompt="a dog", num_class_images=1,
+                                                  class_image_steps=1), tmp_path / "class", progress=False)
+    assert [r.caption for r in mine] == ["a dog"] and mine[0].path not in {r.path for r in records}
+
+    (tmp_path / "subject").mkdir()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(tmp_path / "subject" / "a.png")
+    train = TrainConfig(steps=1, batch_size=1, prior_preservation=True)
+    training_set = build_training_set(model, data, train, Accelerator(cpu=True), class_records=records)
+    assert training_set.class_.dataset.prompts == ["a red dog", "a blue dog", "a red dog"]
+
+
 def test_a_new_prompt_generates_its_own_images_into_the_default_folder(tmp_path, monkeypatch):
     calls = _counting_pipeline(monkeypatch)
     model = load("tiny:sd1")

@@ -3,6 +3,10 @@
 Generated images are cached in the class folder with a manifest recording each one's prompt, seed and the
 base model's fingerprint, so a later run with the same base model and prompt reuses them, and a run with
 another base model or prompt generates its own (the others stay on disk for when they fit again).
+
+A base model may declare several class prompts (the builtin model does: a class object in many colours on
+many backgrounds); generated image `seed` then uses prompt `seed mod count`, and each image is trained with
+the prompt it was made from, so the prior loss keeps every one of those prompts meaning the plain class.
 """
 
 from __future__ import annotations
@@ -35,10 +39,17 @@ class Generated:
 
 def class_prompt(model, data_cfg) -> str:
     """The class prompt in words the base model knows: --class-prompt, the model's own template, or SD's."""
+    return class_prompts(model, data_cfg)[0]
+
+
+def class_prompts(model, data_cfg) -> list[str]:
+    """Every prompt class images are generated and trained with: --class-prompt alone when given, else the
+    model's own templates (several for the builtin model), else SD's usual one."""
     if data_cfg.class_prompt:
-        return data_cfg.class_prompt
-    template = model.extras.get("class_prompt_template", DEFAULT_CLASS_PROMPT)
-    return template.replace("{class_word}", data_cfg.class_word)
+        return [data_cfg.class_prompt]
+    templates = model.extras.get("class_prompt_templates") or [model.extras.get("class_prompt_template",
+                                                                                 DEFAULT_CLASS_PROMPT)]
+    return [t.replace("{class_word}", data_cfg.class_word) for t in templates]
 
 
 def prepare(model, data_cfg, default_folder: Path, progress: bool = True) -> list[ImageRecord]:
@@ -50,20 +61,26 @@ def prepare(model, data_cfg, default_folder: Path, progress: bool = True) -> lis
     if folder.exists() and not folder.is_dir():
         raise SdtuneError(f"Class image folder {folder} is a file; pass a folder with --class-images.")
     folder.mkdir(parents=True, exist_ok=True)
-    wanted, prompt, base = data_cfg.num_class_images, class_prompt(model, data_cfg), model.fingerprint()
+    wanted, prompts, base = data_cfg.num_class_images, class_prompts(model, data_cfg), model.fingerprint()
     manifest = _read_manifest(folder)
     generated_files = {entry.file for entry in manifest}
-    own = [p for p in _image_files(folder) if p.name not in generated_files]
-    fitting = [e for e in manifest if e.prompt == prompt and e.base_hash == base and (folder / e.file).is_file()]
+    own = [(p, prompts[0]) for p in _image_files(folder) if p.name not in generated_files]
+    fitting = [e for e in manifest if e.prompt == _prompt_for(e.seed, prompts) and e.base_hash == base
+               and (folder / e.file).is_file()]
     missing = wanted - len(own) - len(fitting)
     if missing > 0:
         used = {e.seed for e in fitting}
         seeds = [s for s in range(wanted + len(used)) if s not in used][:missing]
         resolution = data_cfg.resolution or model.resolution
-        fitting += _generate(model, folder, prompt, seeds, base, manifest, resolution,
+        fitting += _generate(model, folder, prompts, seeds, base, manifest, resolution,
                              data_cfg.class_image_steps, progress)
-    files = (own + [folder / e.file for e in sorted(fitting, key=lambda e: e.seed)])[:wanted]
-    return [ImageRecord(path, *load_image(path).size) for path in files]  # validated; no captions
+    chosen = (own + [(folder / e.file, e.prompt) for e in sorted(fitting, key=lambda e: e.seed)])[:wanted]
+    # Validated; each record's caption is the prompt it is trained with.
+    return [ImageRecord(path, *load_image(path).size, caption=prompt) for path, prompt in chosen]
+
+
+def _prompt_for(seed: int, prompts: list[str]) -> str:
+    return prompts[seed % len(prompts)]
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -90,9 +107,10 @@ def _write_manifest(folder: Path, entries: list[Generated]) -> None:
 
 
 @torch.no_grad()
-def _generate(model, folder: Path, prompt: str, seeds: list[int], base: str, manifest: list[Generated],
+def _generate(model, folder: Path, prompts: list[str], seeds: list[int], base: str, manifest: list[Generated],
               resolution: int, steps: int, progress: bool) -> list[Generated]:
-    """Generate one image per seed (batched), saving each with its manifest entry as it is done."""
+    """Generate one image per seed (batched) with the seed's prompt, saving each with its manifest entry as
+    it is done."""
     from tqdm.auto import tqdm
 
     from .artifacts import atomic_write_via
@@ -100,17 +118,18 @@ def _generate(model, folder: Path, prompt: str, seeds: list[int], base: str, man
     pipe = model.pipeline()
     pipe.set_progress_bar_config(disable=True)
     device, dtype = model.unet.device, model.unet.dtype
-    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "class"
     made: list[Generated] = []
     with tqdm(total=len(seeds), desc="class images", unit="img", disable=not progress, dynamic_ncols=True) as bar:
         for start in range(0, len(seeds), BATCH):
             chunk = seeds[start: start + BATCH]
             generators = [torch.Generator().manual_seed(s) for s in chunk]
+            chunk_prompts = [_prompt_for(s, prompts) for s in chunk]
             # Frozen weights may be in half precision while the VAE stays fp32: autocast bridges them.
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                images = pipe([prompt] * len(chunk), num_inference_steps=steps, guidance_scale=GUIDANCE,
+                images = pipe(chunk_prompts, num_inference_steps=steps, guidance_scale=GUIDANCE,
                               generator=generators, height=resolution, width=resolution).images
-            for seed, image in zip(chunk, images):
+            for seed, prompt, image in zip(chunk, chunk_prompts, images):
+                slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "class"
                 entry = Generated(f"{slug}-{base[:8]}-{seed:05d}.png", prompt, seed, base)
                 atomic_write_via(folder / entry.file, image.save)
                 manifest.append(entry)

@@ -162,7 +162,8 @@ def build_training_set(model, data_cfg: DataConfig, train_cfg: TrainConfig, acce
     """Load the subject (and class) images and wrap them for the loop; `templates` (with {token} and
     {class_word}) replace the single instance template unless the user gave captions or a template.
     With prior preservation the class images are `class_records` (see class_images.prepare) or, when not
-    given, the --class-images folder as it is; they are trained with the class prompt."""
+    given, the --class-images folder as it is; each is trained with its own caption (the prompt it was
+    generated from, or its .txt), else the class prompt."""
     if not data_cfg.images:
         raise SdtuneError("No image folder given: pass --images DIR with the subject's pictures.")
     resolution = data_cfg.resolution or model.resolution
@@ -182,7 +183,8 @@ def build_training_set(model, data_cfg: DataConfig, train_cfg: TrainConfig, acce
                 raise SdtuneError("Prior preservation needs --class-word and --class-images DIR.")
             class_records = load_image_folder(data_cfg.class_images)
         class_set = dataset(class_records, "", False)
-        class_set.prompts = [class_prompt(model, data_cfg)] * len(class_set.records)
+        default = class_prompt(model, data_cfg)
+        class_set.prompts = [record.caption or default for record in class_set.records]
         class_stream = ExampleStream(class_set, train_cfg.seed + 1, train_cfg.batch_size)
     cache = train_cfg.cache_latents and not instance.augmentation_is_random
     filled = None

@@ -75,3 +75,24 @@ def closing_check(pipe_dir: Path, report_dir: Path, n: int, device: torch.device
     acc = " ".join(f"{k} {v:.2f}" for k, v in result["accuracy"].items())
     log(f"[check] {n} images at pipeline defaults: {acc}; all right {result['all_attributes_right']:.2f}")
     return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m sdtune.toyworld.check --n 256 --out DIR`: the closing check on any toy-world pipeline
+    (default: the shipped builtin one), at diffusers' defaults."""
+    import argparse
+
+    from sdtune.toyworld import builtin_path
+
+    parser = argparse.ArgumentParser(prog="python -m sdtune.toyworld.check", description=main.__doc__)
+    parser.add_argument("--model", default=None, help="pipeline folder (default: the builtin model)")
+    parser.add_argument("--n", type=int, default=256, help="images (full captions of random scenes)")
+    parser.add_argument("--out", required=True, help="folder for builtin_check.json and builtin_samples.png")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    closing_check(Path(args.model) if args.model else builtin_path(), Path(args.out), args.n, torch.device(args.device))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
