@@ -95,3 +95,27 @@ def test_sigkill_then_resume_gives_bit_identical_weights_for_every_method(tmp_pa
         assert whole.keys() == resumed.keys() and whole, method
         different = [k for k in whole if not torch.equal(whole[k], resumed[k])]
         assert not different, f"{method}: {len(different)} tensors differ after resume, e.g. {different[0]}"
+
+
+def test_a_kill_while_an_old_checkpoint_is_deleted_never_leaves_it_listed(tmp_path, monkeypatch):
+    """Rotation deletes the oldest checkpoint right after a new one lands: a kill in the middle of that
+    deletion (files gone one by one) must not leave a folder that lists as complete but lacks weights."""
+    import shutil
+
+    from sdtune import checkpoints
+
+    old = checkpoints.folder(tmp_path) / "step-000001"
+    old.mkdir(parents=True)
+    for name in ("trainable.safetensors", "optimizer.pt", "state.json"):
+        (old / name).write_text("x")
+
+    def killed_midway(path, ignore_errors=False):
+        (Path(path) / "trainable.safetensors").unlink()
+        raise KeyboardInterrupt  # the process dies here
+
+    monkeypatch.setattr(shutil, "rmtree", killed_midway)
+    try:
+        checkpoints._remove(old)
+    except KeyboardInterrupt:
+        pass
+    assert checkpoints.list_checkpoints(tmp_path) == []

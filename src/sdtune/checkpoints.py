@@ -7,7 +7,9 @@ tensors and numbers, so they load with torch.load(weights_only=True)) and the st
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import uuid
 from pathlib import Path
 
 import torch
@@ -36,10 +38,21 @@ def save(out_dir: Path, step: int, method, model, optimizer, lr_schedule, losses
             torch.save(ema.state_dict(), tmp / EMA_FILE)
         (tmp / "state.json").write_text(json.dumps({"step": step, "losses": losses}))
     for old in list_checkpoints(out_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     for stale in folder(out_dir).glob(f".{PREFIX}*"):  # half-written by a run that was killed mid-save
         shutil.rmtree(stale, ignore_errors=True)
     return target
+
+
+def _remove(checkpoint: Path) -> None:
+    """Hide the folder first (one rename), then delete it: a kill during the deletion leaves a hidden
+    remnant for the next save to sweep, never a checkpoint that lists as complete but lacks its weights."""
+    hidden = checkpoint.with_name(f".{checkpoint.name}.{uuid.uuid4().hex[:8]}.old")
+    try:
+        os.replace(checkpoint, hidden)
+    except OSError:
+        return
+    shutil.rmtree(hidden, ignore_errors=True)
 
 
 def list_checkpoints(out_dir: Path) -> list[Path]:
