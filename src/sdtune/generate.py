@@ -127,8 +127,10 @@ def generate(model, prompt: str, options: GenerateOptions) -> list:
     if options.guidance is not None:
         extra["guidance_scale"] = options.guidance
     prompt_kwargs = pipeline_prompt_kwargs(model, text, negative, options.clip_skip)
-    result = pipe(**prompt_kwargs, num_inference_steps=options.steps, num_images_per_prompt=options.count,
-                  generator=torch.Generator().manual_seed(options.seed), **extra)
+    with torch.inference_mode():  # ~10% faster than no_grad on a CPU; only the sampling, so artifacts
+        # applied above stay ordinary tensors for a later training in the same process (the web UI)
+        result = pipe(**prompt_kwargs, num_inference_steps=options.steps, num_images_per_prompt=options.count,
+                      generator=torch.Generator().manual_seed(options.seed), **extra)
     return result.images
 
 
