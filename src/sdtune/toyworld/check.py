@@ -14,9 +14,10 @@ from sdtune.toyworld.evaluate import ATTRIBUTES, attribute_accuracy, judge_image
 from sdtune.toyworld.world import sample_scenes
 
 
-def probe_prompts(n: int, seed: int = 1234) -> list[str]:
-    """n full captions (every optional part said) of random scenes."""
-    b = sample_scenes(n, seed, jitter=False)
+def probe_prompts(n: int, seed: int = 1234, held_out: bool = False) -> list[str]:
+    """n full captions (every optional part said) of random scenes; with held_out, only of the world's
+    held-out (shape, colour, background) combinations."""
+    b = sample_scenes(n, seed, jitter=False, held_out="only" if held_out else "any")
     return [caption(s.shape, s.colour, s.size, s.position, s.background)
             for s in (b.scene(i) for i in range(n))]
 
@@ -61,17 +62,19 @@ def save_grid(images: np.ndarray, path: Path, cols: int = 8) -> None:
     Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)
 
 
-def closing_check(pipe_dir: Path, report_dir: Path, n: int, device: torch.device, log: Callable = print) -> dict:
+def closing_check(pipe_dir: Path, report_dir: Path, n: int, device: torch.device, log: Callable = print,
+                  held_out: bool = False) -> dict:
     """Load the written folder as a user would, generate n probe images, write a JSON report and a grid."""
     from sdtune.toyworld.models import load_pipeline
 
     pipe = load_pipeline(pipe_dir, str(device))
-    prompts = probe_prompts(n)
+    prompts = probe_prompts(n, held_out=held_out)
     images = generate(pipe, prompts)
     result = score_prompts(images, prompts)
     report_dir.mkdir(parents=True, exist_ok=True)
     save_grid(images, report_dir / "builtin_samples.png")
-    (report_dir / "builtin_check.json").write_text(json.dumps({"prompts": prompts, **result}, indent=1))
+    (report_dir / "builtin_check.json").write_text(json.dumps({"held_out": held_out, "prompts": prompts, **result},
+                                                              indent=1))
     acc = " ".join(f"{k} {v:.2f}" for k, v in result["accuracy"].items())
     log(f"[check] {n} images at pipeline defaults: {acc}; all right {result['all_attributes_right']:.2f}")
     return result
@@ -89,8 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=256, help="images (full captions of random scenes)")
     parser.add_argument("--out", required=True, help="folder for builtin_check.json and builtin_samples.png")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--held-out", action="store_true",
+                        help="prompt only the held-out combinations (meaningful for a model pretrained without them)")
     args = parser.parse_args(argv)
-    closing_check(Path(args.model) if args.model else builtin_path(), Path(args.out), args.n, torch.device(args.device))
+    closing_check(Path(args.model) if args.model else builtin_path(), Path(args.out), args.n, torch.device(args.device),
+                  held_out=args.held_out)
     return 0
 
 

@@ -257,7 +257,8 @@ def _finish(run: loop.Run, out: Path) -> Path:
         from sdtune.toyworld.check import closing_check
 
         try:
-            closing_check(out, Path(run.args.report_dir), run.cfg["budget"]["eval_images"], run.device, run.log)
+            closing_check(out, Path(run.args.report_dir), run.cfg["budget"]["eval_images"], run.device, run.log,
+                          held_out=bool(run.cfg.get("hold_out_combinations")))
         except Exception as e:  # noqa: BLE001 - the weights are already safe; report and go on
             run.log(f"[check] failed: {type(e).__name__}: {e}")
     if run.args.pack:

@@ -33,7 +33,8 @@ class TrainSet:
 def build_trainset(cfg: dict[str, Any], tokenizer, device: torch.device, log=print) -> TrainSet:
     """Render cfg['n_images'] seeded scenes on `device` and tokenize every caption of the grammar once."""
     t0 = time.monotonic()
-    scenes = sample_scenes(cfg["n_images"], seed=cfg["seed"])
+    held_out = "exclude" if cfg.get("hold_out_combinations") else "any"
+    scenes = sample_scenes(cfg["n_images"], seed=cfg["seed"], held_out=held_out)
     images = render_batch(scenes, cfg["image_size"], device=device, chunk=cfg["render_chunk"])
     attrs = {k: torch.as_tensor(getattr(scenes, k), device=device, dtype=torch.long)
              for k in ("shape", "colour", "size", "position", "background")}

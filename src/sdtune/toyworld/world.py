@@ -115,14 +115,33 @@ def scenes_to_batch(scenes: list[Scene]) -> SceneBatch:
     )
 
 
-def sample_scenes(n: int, seed: int, jitter: bool = True) -> SceneBatch:
-    """Draw n plain scenes uniformly (object colour never equals the background) from a seeded generator."""
+HELD_OUT_COUNT = 24  # of the 336 (shape, colour, background) combinations; pretraining may leave them out
+
+
+def held_out_combinations() -> frozenset[tuple[int, int, int]]:
+    """A fixed set of (shape, colour, background) index triples for measuring generalisation: a
+    pretraining run with `hold_out_combinations` never shows them, and the check can prompt only them."""
+    rng = np.random.default_rng(20261126)
+    triples = [(s, c, b) for s in range(len(SHAPES)) for c in range(len(COLOURS))
+               for b in range(len(COLOURS)) if b != c]
+    picked = rng.choice(len(triples), HELD_OUT_COUNT, replace=False)
+    return frozenset(triples[i] for i in picked)
+
+
+def sample_scenes(n: int, seed: int, jitter: bool = True, held_out: str = "any") -> SceneBatch:
+    """Draw n plain scenes uniformly (object colour never equals the background) from a seeded generator.
+    held_out: "any" (every combination), "exclude" (never a held_out_combinations() triple) or "only"."""
+    if held_out not in ("any", "exclude", "only"):
+        raise ValueError(f"held_out must be any, exclude or only, not {held_out!r}")
     rng = np.random.default_rng(seed)
     colour = rng.integers(0, len(COLOURS), n)
     background = (colour + rng.integers(1, len(COLOURS), n)) % len(COLOURS)
+    shape = rng.integers(0, len(SHAPES), n)
+    if held_out != "any":
+        shape, colour, background = _constrain(rng, shape, colour, background, held_out == "only")
     amp = 1.0 if jitter else 0.0
     return SceneBatch(
-        shape=rng.integers(0, len(SHAPES), n),
+        shape=shape,
         colour=colour,
         background=background,
         size=rng.integers(0, len(SIZES), n),
@@ -135,6 +154,26 @@ def sample_scenes(n: int, seed: int, jitter: bool = True) -> SceneBatch:
         tint_obj=(amp * rng.uniform(-COLOUR_JITTER, COLOUR_JITTER, n)).astype(np.float32),
         tint_bg=(amp * rng.uniform(-COLOUR_JITTER, COLOUR_JITTER, n)).astype(np.float32),
     )
+
+
+def _constrain(rng, shape, colour, background, only: bool):
+    """Redraw the (shape, colour, background) of scenes outside (only) or inside (exclude) the held-out set."""
+    held = held_out_combinations()
+    if only:
+        table = np.array(sorted(held))
+        pick = table[rng.integers(0, len(table), len(shape))]
+        return pick[:, 0], pick[:, 1], pick[:, 2]
+    is_held = np.zeros((len(SHAPES), len(COLOURS), len(COLOURS)), dtype=bool)
+    is_held[tuple(np.array(sorted(held)).T)] = True
+    shape, colour, background = shape.copy(), colour.copy(), background.copy()
+    while True:
+        bad = is_held[shape, colour, background]
+        if not bad.any():
+            return shape, colour, background
+        k = int(bad.sum())
+        colour[bad] = rng.integers(0, len(COLOURS), k)
+        background[bad] = (colour[bad] + rng.integers(1, len(COLOURS), k)) % len(COLOURS)
+        shape[bad] = rng.integers(0, len(SHAPES), k)
 
 
 def sample_patterned_scenes(n: int, seed: int) -> SceneBatch:
