@@ -81,6 +81,11 @@ def test_compare_runs_each_method_in_its_own_process_and_reports_it(tmp_path, su
     again = json.loads((out / "results.json").read_text())
     assert again["rows"][1]["quality"] == lora["quality"]
     assert json.loads((out / "runs/lora/seed-0/result.json").read_text())["pid"] == run["pid"]
+    # ... also once the folder was moved (its jobs name paths inside it).
+    moved = out.rename(tmp_path / "moved")
+    assert main([*argv[:-3], "--output", str(moved), "--quiet"]) == 0
+    assert json.loads((moved / "runs/lora/seed-0/result.json").read_text())["pid"] == run["pid"]
+    assert json.loads((moved / "results.json").read_text())["rows"][1]["quality"] == lora["quality"]
 
 
 def test_same_seed_gives_the_same_images_and_numbers(tmp_path):

@@ -111,7 +111,7 @@ def eval_steps(steps: int, points: int) -> list[int]:
 
 def make_jobs(plan: Plan, opts: CompareOptions, subject: Path, out: Path) -> list[dict]:
     """Worker jobs: class images once (when a row uses prior preservation), then every row on every seed."""
-    common = {"model": opts.model, "model_config": opts.model_config, "images": str(subject),
+    common = {"output": str(out), "model": opts.model, "model_config": opts.model_config, "images": str(subject),
               "class_word": plan.class_word, "eval": json.loads(json.dumps(asdict(plan.evaluation)))}
     class_folder = str(out / "class_images")
     prior = [row for row in plan.rows if row.train.get("prior_preservation")]
@@ -168,12 +168,32 @@ def run_job(job: dict, logs: Path, board: Board, fresh: bool = False) -> dict:
     return {"error": error or f"{_last_line(log_path)} (exit status {code}; log: {log_path})"}
 
 
+# Where a job names a path: those inside the comparison folder are compared relative to it.
+PATH_FIELDS = (("out",), ("images",), ("data", "class_images"))
+
+
 def _finished(folder: Path, job: dict) -> bool:
-    """A run folder holding a result for exactly this job."""
+    """A run folder holding a result for exactly this job (also after the comparison folder was moved)."""
     try:
-        return json.loads((folder / "job.json").read_text()) == job and (folder / "result.json").is_file()
-    except (OSError, ValueError):
+        done = json.loads((folder / "job.json").read_text())
+        return _portable(done) == _portable(job) and (folder / "result.json").is_file()
+    except (OSError, ValueError, TypeError, KeyError):
         return False
+
+
+def _portable(job: dict) -> dict:
+    """The job with paths inside its comparison folder ("output") made relative to it."""
+    root = Path(job["output"])
+    out = json.loads(json.dumps(job))
+    del out["output"]
+    for fields in PATH_FIELDS:
+        holder = out
+        for key in fields[:-1]:
+            holder = holder.get(key) or {}
+        value = holder.get(fields[-1])
+        if isinstance(value, str) and Path(value).is_relative_to(root):
+            holder[fields[-1]] = Path(value).relative_to(root).as_posix()
+    return out
 
 
 def _last_line(path: Path) -> str:
