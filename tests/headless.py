@@ -14,6 +14,11 @@ CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-
                   "--disable-dev-shm-usage", "--window-size=1400,1000")
 
 
+def chromium_paths() -> tuple[str | None, str | None]:
+    """Debian's chromium binary and its chromedriver, or None where missing."""
+    return shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+
+
 @contextlib.contextmanager
 def chromium(profile: Path):
     """A selenium Chrome driver on Debian's chromium with a fresh --user-data-dir; skips the test if it cannot
@@ -22,8 +27,7 @@ def chromium(profile: Path):
     from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.chrome.service import Service
 
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver_path = shutil.which("chromedriver")
+    binary, driver_path = chromium_paths()
     if not (binary and driver_path):
         pytest.skip("chromium and chromedriver are not installed")
     options = webdriver.ChromeOptions()

@@ -8,7 +8,6 @@ write a screenshot of each tab there (docs/ui-*.png come from this test).
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import urllib.error
 import urllib.request
@@ -19,23 +18,16 @@ import pytest
 pytest.importorskip("gradio")
 pytest.importorskip("selenium")
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-if not (CHROMIUM and CHROMEDRIVER):
+from headless import chromium, chromium_paths  # noqa: E402
+
+if not all(chromium_paths()):  # skip before the app starts
     pytest.skip("chromium and chromedriver are not installed", allow_module_level=True)
 
-from selenium import webdriver  # noqa: E402
-from selenium.common.exceptions import (  # noqa: E402
-    StaleElementReferenceException, TimeoutException, WebDriverException)
-from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-# Flags for root in a closed network: no sandbox, and none of Chromium's background requests.
-CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--window-size=1400,1000")
 WAIT = 60  # seconds: the longest any step may take (training a few steps takes a few seconds)
 
 
@@ -63,17 +55,9 @@ def ui(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
-        options.add_argument(flag)
-    try:
-        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    except WebDriverException as exc:
-        pytest.skip(f"chromium could not start: {exc.msg}")
-    driver.set_page_load_timeout(WAIT)
-    yield driver
-    driver.quit()
+    with chromium(tmp_path_factory.mktemp("chromium-profile")) as driver:
+        driver.set_page_load_timeout(WAIT)
+        yield driver
 
 
 def wait_for(driver, condition, timeout: float = WAIT, message: str = ""):

@@ -134,9 +134,7 @@ def sample_scenes(n: int, seed: int, jitter: bool = True, held_out: str = "any")
     if held_out not in ("any", "exclude", "only"):
         raise ValueError(f"held_out must be any, exclude or only, not {held_out!r}")
     rng = np.random.default_rng(seed)
-    colour = rng.integers(0, len(COLOURS), n)
-    background = (colour + rng.integers(1, len(COLOURS), n)) % len(COLOURS)
-    shape = rng.integers(0, len(SHAPES), n)
+    shape, colour, background = _draw_objects(rng, n)
     if held_out != "any":
         shape, colour, background = _constrain(rng, shape, colour, background, held_out == "only")
     amp = 1.0 if jitter else 0.0
@@ -156,24 +154,27 @@ def sample_scenes(n: int, seed: int, jitter: bool = True, held_out: str = "any")
     )
 
 
+def _draw_objects(rng, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(shape, colour, background) of n scenes, the background never the object's colour. The draw order
+    (colour, background, shape) is the one every seeded scene set so far was made with."""
+    colour = rng.integers(0, len(COLOURS), n)
+    background = (colour + rng.integers(1, len(COLOURS), n)) % len(COLOURS)
+    return rng.integers(0, len(SHAPES), n), colour, background
+
+
 def _constrain(rng, shape, colour, background, only: bool):
-    """Redraw the (shape, colour, background) of scenes outside (only) or inside (exclude) the held-out set."""
-    held = held_out_combinations()
+    """Draw the (shape, colour, background) of every scene from the held-out set (only), or redraw those
+    that fall in it until none does (exclude)."""
+    table = np.array(sorted(held_out_combinations()))
     if only:
-        table = np.array(sorted(held))
         pick = table[rng.integers(0, len(table), len(shape))]
         return pick[:, 0], pick[:, 1], pick[:, 2]
     is_held = np.zeros((len(SHAPES), len(COLOURS), len(COLOURS)), dtype=bool)
-    is_held[tuple(np.array(sorted(held)).T)] = True
+    is_held[tuple(table.T)] = True
     shape, colour, background = shape.copy(), colour.copy(), background.copy()
-    while True:
-        bad = is_held[shape, colour, background]
-        if not bad.any():
-            return shape, colour, background
-        k = int(bad.sum())
-        colour[bad] = rng.integers(0, len(COLOURS), k)
-        background[bad] = (colour[bad] + rng.integers(1, len(COLOURS), k)) % len(COLOURS)
-        shape[bad] = rng.integers(0, len(SHAPES), k)
+    while (bad := is_held[shape, colour, background]).any():
+        shape[bad], colour[bad], background[bad] = _draw_objects(rng, int(bad.sum()))
+    return shape, colour, background
 
 
 def sample_patterned_scenes(n: int, seed: int) -> SceneBatch:
