@@ -89,6 +89,23 @@ def test_several_class_prompts_each_image_trained_with_its_own(tmp_path):
     assert training_set.class_.dataset.prompts == ["a red dog", "a blue dog", "a red dog"]
 
 
+def test_own_class_images_train_with_their_captions_or_the_plain_class_prompt(tmp_path, monkeypatch):
+    """The user's class images keep their .txt caption; one without gets the prompt naming just the class,
+    not one of the generated images' specific prompts (a red dog is not every dog)."""
+    model = load("tiny:sd1")
+    model.extras["class_prompt_templates"] = ["a red {class_word}", "a blue {class_word}"]
+    model.extras["class_prompt_template"] = "a {class_word}"
+    folder = tmp_path / "class"
+    folder.mkdir()
+    Image.new("RGB", (32, 32), (10, 200, 10)).save(folder / "captioned.png")
+    (folder / "captioned.txt").write_text("a green dog on grass\n", encoding="utf-8")
+    Image.new("RGB", (32, 32), (10, 10, 200)).save(folder / "plain.png")
+    monkeypatch.setattr(class_images, "_generate", lambda *a, **k: pytest.fail("nothing is missing"))
+    records = class_images.prepare(model, DataConfig(class_word="dog", num_class_images=2), folder, progress=False)
+    assert [(r.path.name, r.caption) for r in records] == [("captioned.png", "a green dog on grass"),
+                                                          ("plain.png", "a dog")]
+
+
 def test_a_new_prompt_generates_its_own_images_into_the_default_folder(tmp_path, monkeypatch):
     calls = _counting_pipeline(monkeypatch)
     model = load("tiny:sd1")

@@ -192,6 +192,11 @@ CATALOGUE: dict[str, tuple[Callable[[Env], list[str]], tuple[str, ...]]] = {
         "peft.safetensors": _tensors({k.replace(KOHYA_SD1, "unet.x").replace("lora_down", "lora_A").replace(
             "lora_up", "lora_B"): v for k, v in _lora_sd1().items() if "alpha" not in k},
             {"lora_adapter_metadata": '{"unet.lora_alpha": "big"}'})})), ("lora_adapter_metadata", "big", "re-export")),
+    "lora-adapter-header-backtracking-pattern": (lambda e: e.generate("a dog <lora:slow>", e.folder("a", {
+        "slow.safetensors": _tensors({k.replace(KOHYA_SD1, "unet.x").replace("lora_down", "lora_A").replace(
+            "lora_up", "lora_B"): v for k, v in _lora_sd1().items() if "alpha" not in k},
+            {"lora_adapter_metadata": '{"unet.alpha_pattern": {"(.*a)+$": 2}}'})})),
+        ("lora_adapter_metadata", "alpha_pattern", "re-export")),
     "lora-tag-names-a-hypernetwork": (lambda e: e.generate("a dog <lora:hn>", e.folder("a", {
         "hn.pt": _hypernetwork()})), ("hn.pt", "LoRA")),
     "embedding-1024-on-sd1": (lambda e: e.generate("a emb dog", e.folder("a", {

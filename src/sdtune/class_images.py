@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .data import IMAGE_EXTENSIONS, ImageRecord, load_image
+from .data import IMAGE_EXTENSIONS, ImageRecord, load_image, read_caption
 from .errors import SdtuneError
 
 MANIFEST = "sdtune-class-images.json"
@@ -38,17 +38,19 @@ class Generated:
 
 
 def class_prompt(model, data_cfg) -> str:
-    """The class prompt in words the base model knows: --class-prompt, the model's own template, or SD's."""
-    return class_prompts(model, data_cfg)[0]
+    """The one prompt naming just the class, in words the base model knows: --class-prompt, the model's own
+    template, or SD's. Class images of the user's without a .txt caption train with it."""
+    if data_cfg.class_prompt:
+        return data_cfg.class_prompt
+    return model.extras.get("class_prompt_template", DEFAULT_CLASS_PROMPT).replace("{class_word}", data_cfg.class_word)
 
 
 def class_prompts(model, data_cfg) -> list[str]:
     """Every prompt class images are generated and trained with: --class-prompt alone when given, else the
-    model's own templates (several for the builtin model), else SD's usual one."""
-    if data_cfg.class_prompt:
-        return [data_cfg.class_prompt]
-    templates = model.extras.get("class_prompt_templates") or [model.extras.get("class_prompt_template",
-                                                                                 DEFAULT_CLASS_PROMPT)]
+    model's own list (the builtin model's has many), else the one class prompt."""
+    templates = None if data_cfg.class_prompt else model.extras.get("class_prompt_templates")
+    if not templates:
+        return [class_prompt(model, data_cfg)]
     return [t.replace("{class_word}", data_cfg.class_word) for t in templates]
 
 
@@ -64,7 +66,8 @@ def prepare(model, data_cfg, default_folder: Path, progress: bool = True) -> lis
     wanted, prompts, base = data_cfg.num_class_images, class_prompts(model, data_cfg), model.fingerprint()
     manifest = _read_manifest(folder)
     generated_files = {entry.file for entry in manifest}
-    own = [(p, prompts[0]) for p in _image_files(folder) if p.name not in generated_files]
+    generic = class_prompt(model, data_cfg)
+    own = [(p, read_caption(p) or generic) for p in _image_files(folder) if p.name not in generated_files]
     fitting = [e for e in manifest if e.prompt == _prompt_for(e.seed, prompts) and e.base_hash == base
                and (folder / e.file).is_file()]
     missing = wanted - len(own) - len(fitting)

@@ -93,7 +93,7 @@ def load_image(path: str | Path) -> Image.Image:
     return rgb
 
 
-def _read_caption(image_path: Path) -> str | None:
+def read_caption(image_path: Path) -> str | None:
     """The stripped UTF-8 text of the same-stem .txt file, or None when absent or empty."""
     txt = image_path.with_suffix(".txt")
     if not txt.is_file():
@@ -120,7 +120,7 @@ def load_image_folder(path: str | Path) -> list[ImageRecord]:
     if not files:
         exts = ", ".join(IMAGE_EXTENSIONS)
         raise SdtuneError(f"image folder {folder} holds no images ({exts}): add some or point to another folder.")
-    return [ImageRecord(f, *load_image(f).size, _read_caption(f)) for f in files]
+    return [ImageRecord(f, *load_image(f).size, read_caption(f)) for f in files]
 
 
 def build_prompt(

@@ -14,6 +14,13 @@ from ..errors import SdtuneError
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 NUMBER_FIELDS = ("r", "lora_alpha")
 PATTERN_FIELDS = ("rank_pattern", "alpha_pattern")  # {module-name regex: number}
+MAX_PATTERN_CHARS = 512  # peft writes module names (a few dozen characters), maybe escaped
+# A repeated group such as "(a+)+" can make matching a module name take exponential time, and many
+# unbounded repeats (".*.*.*.*...") polynomial time of a high degree: a file that hangs the loader. peft's
+# own patterns are module names, at most with a wildcard or two.
+REPEATED_GROUP = re.compile(r"(?<!\\)\)[*+{]")
+UNBOUNDED_REPEAT = re.compile(r"(?<!\\)[*+]")
+MAX_UNBOUNDED_REPEATS = 3
 
 
 def checked_adapter_header(packed: Any) -> dict[str, Any]:
@@ -41,6 +48,9 @@ def _number(value: Any) -> bool:
 
 
 def _regex(pattern: str) -> bool:
+    if (len(pattern) > MAX_PATTERN_CHARS or REPEATED_GROUP.search(pattern)
+            or len(UNBOUNDED_REPEAT.findall(pattern)) > MAX_UNBOUNDED_REPEATS):
+        return False
     try:
         re.compile(pattern)
     except re.error:

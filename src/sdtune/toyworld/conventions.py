@@ -17,6 +17,7 @@ def prompt_conventions() -> dict:
     object_templates = [caption(TOKEN), caption(TOKEN, size="large"), caption(TOKEN, size="small")]
     return {
         "prompt_template": caption(CLASS, identifier=TOKEN),  # "a {token} {class_word}"
+        "class_prompt_template": caption(CLASS),  # "a {class_word}": for class images without a caption
         "class_prompt_templates": class_prompt_templates(),
         "ti_templates": {"object": object_templates, "style": object_templates},
         "rare_tokens": list(RARE_TOKENS),
