@@ -73,6 +73,23 @@ def test_out_of_memory_is_caught_with_the_settings_that_save_memory(tmp_path, su
     assert not (out / "sks.safetensors").exists()
 
 
+def test_out_of_memory_advice_reaches_library_callers_too(tmp_path, subject_dir, monkeypatch):
+    """The UI and `sdtune compare` call train() directly: they get the same one-line advice as the CLI."""
+    from sdtune.config import DataConfig, TrainConfig
+    from sdtune.errors import SdtuneError
+    from sdtune.methods.lora import LoRA, LoRAConfig
+    from sdtune.model import load
+
+    def oom(_):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    _fail_at_step(monkeypatch, 1, oom)
+    with pytest.raises(SdtuneError, match="out of memory on the GPU; try --batch-size 1"):
+        train_module.train(load("tiny:sd1"), LoRA(), LoRAConfig(), TrainConfig(steps=2, log_dir="none"),
+                           DataConfig(images=str(subject_dir), class_word="dog"), tmp_path / "out", "sks",
+                           progress=False)
+
+
 @pytest.mark.parametrize("saved", [False, True], ids=["no-checkpoint-yet", "after-a-checkpoint"])
 def test_divergence_advice_says_where_a_resume_starts(tmp_path, saved):
     from sdtune.faults import diverged

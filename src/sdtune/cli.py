@@ -217,7 +217,6 @@ def default_name(token: str) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from . import methods
-    from .faults import memory_advice
     from .model import load
     from .train import train
 
@@ -232,9 +231,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     load_image_folder(data_cfg.images) if data_cfg.images else None  # fail on bad images before loading a model
     model = load(args.model, config=args.model_config)
-    with memory_advice(output):
-        result = train(model, method_cls(method_cfg), method_cfg, train_cfg, data_cfg, output,
-                       args.name or default_name(data_cfg.token), progress=not args.quiet)
+    result = train(model, method_cls(method_cfg), method_cfg, train_cfg, data_cfg, output,
+                   args.name or default_name(data_cfg.token), progress=not args.quiet)
     for path in result.paths:
         print(path)
     return 0

@@ -50,9 +50,15 @@ def train(model, method, method_cfg, train_cfg: TrainConfig, data_cfg: DataConfi
 
     `on_step(step, loss)` runs after each step (e.g. a UI's progress; `loss` is the newest one read on the
     host, see TrainConfig.sync_every); when it returns True the run stops with a checkpoint of that step
-    saved, and an SdtuneError says how to resume it."""
+    saved, and an SdtuneError says how to resume it. Running out of device memory becomes an SdtuneError
+    naming the settings that save memory, for every caller (CLI, UI, compare)."""
+    with faults.memory_advice(out_dir):
+        return _train(model, method, method_cfg, train_cfg, data_cfg, Path(out_dir), name, fmt, progress, on_step)
+
+
+def _train(model, method, method_cfg, train_cfg: TrainConfig, data_cfg: DataConfig, out_dir: Path, name: str,
+           fmt: str | None, progress: bool, on_step: Callable[[int, float], bool | None] | None) -> TrainResult:
     started = time.time()
-    out_dir = Path(out_dir)
     accelerator = make_accelerator(train_cfg)
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(train_cfg.mixed_precision, torch.float32)
