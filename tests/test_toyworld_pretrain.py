@@ -57,7 +57,10 @@ def test_interrupted_run_resumes_to_nearly_the_same_weights(tmp_path):
     halfway = ck.load_checkpoint(split / "ckpt.pt")
     assert halfway["phase"] == "unet" and halfway["step"] == 3
     _run(split, "--max-steps", "6", "--resume")
-    assert "training from step 3" in (split / "pretrain.log").read_text()
+    log = (split / "pretrain.log").read_text()
+    assert "training from step 3" in log
+    # The resumed run took its latents from the cache the first run left, instead of rendering again.
+    assert log.count("[data] rendered") == 1 and f"from {split / 'ckpt_latents.pt'}" in log
     a, b = ck.load_checkpoint(full / "ckpt.pt"), ck.load_checkpoint(split / "ckpt.pt")
     assert a["phase"] == b["phase"] == "done"
     dist = lambda x, y: sum((x[k].float() - y[k].float()).abs().sum() for k in x)  # noqa: E731
@@ -108,3 +111,18 @@ def test_decoder_tune_changes_only_the_decoder_of_a_pipeline_folder(tmp_path):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp folders left behind
+
+
+def test_latent_cache_is_used_only_for_the_same_recipe_and_vae(tmp_path):
+    from sdtune.toyworld import trainset as ts
+
+    data = ts.TrainSet(None, {"shape": torch.arange(3)}, torch.zeros(2, 77, dtype=torch.long), torch.ones(3, 4, 2, 2))
+    vae = {"w": torch.ones(2, dtype=torch.float16)}
+    key = ts.latents_key({"seed": 0}, vae)
+    ts.save_latents(tmp_path / "c.pt", data, key, 0.5)
+    loaded, scale = ts.load_latents(tmp_path / "c.pt", key, torch.device("cpu"))
+    assert scale == 0.5 and len(loaded) == 3 and torch.equal(loaded.latents, data.latents)
+    assert ts.load_latents(tmp_path / "c.pt", ts.latents_key({"seed": 1}, vae), torch.device("cpu")) is None
+    other_vae = {"w": torch.zeros(2, dtype=torch.float16)}
+    assert ts.load_latents(tmp_path / "c.pt", ts.latents_key({"seed": 0}, other_vae), torch.device("cpu")) is None
+    assert ts.load_latents(tmp_path / "missing.pt", key, torch.device("cpu")) is None

@@ -8,7 +8,8 @@ The whole run fits a wall-clock budget (--minutes, counted from start-up): after
 (see decoder_tune) and the rest to the UNet phase; each phase times its first steps and then fixes the step
 count that fits (its cosine schedule ends there), shrinking it if the steps slow down. One rolling
 checkpoint (fp16 weights + 8-bit Adam moments) is rewritten every few minutes and at each phase's end, so
-`--resume` continues an interrupted run. The result is an fp16 StableDiffusionPipeline folder.
+`--resume` continues an interrupted run; the encoded latents are cached beside it, so a run resumed in the
+UNet phase does not render and encode its images again (minutes on a CPU). The result is an fp16 StableDiffusionPipeline folder.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def vae_phase(run: loop.Run, vae, data: ts.TrainSet, resume: dict[str, Any] | No
     vae.eval()
 
 
-def autoencoder_phases(run: loop.Run, vae, data: ts.TrainSet, resume: dict[str, Any] | None) -> None:
+def autoencoder_phases(run: loop.Run, vae, data: ts.TrainSet | None, resume: dict[str, Any] | None) -> None:
     """VAE phase, then the decoder phase (see decoder_tune); the VAE ends rounded to fp16, as it is saved."""
     phase = resume["phase"] if resume else "vae"
     if phase == "vae":
@@ -155,6 +156,24 @@ def unet_phase(run: loop.Run, text_encoder, unet, data: ts.TrainSet, sched, resu
 
     run.log(f"[unet] training from step {state['step']} for up to {run.deadline - time.monotonic():.0f}s")
     return loop.train_phase(run, "unet", step_fn, opt, pc, state, run.deadline, save, run.args.interrupt_after)
+
+
+def unet_inputs(run: loop.Run, vae, tokenizer, data: ts.TrainSet | None) -> ts.TrainSet:
+    """The UNet phase's latents: from the cache a finished encoding left beside the checkpoint (a resumed
+    chunk), else rendered (when not yet) and encoded now, then cached. Sets run.scaling_factor."""
+    cache = run.ckpt_path.with_name(run.ckpt_path.stem + "_latents.pt")
+    key = ts.latents_key(run.cfg, run.vae_half)
+    if data is None:
+        cached = ts.load_latents(cache, key, run.device)
+        if cached is not None:
+            data, run.scaling_factor = cached
+            run.log(f"[latents] {tuple(data.latents.shape)} from {cache}")
+            return data
+        data = ts.build_trainset(run.cfg, tokenizer, run.device, run.log)
+    with torch.no_grad():
+        run.scaling_factor = ts.encode_latents(vae, data, chunk=run.cfg["render_chunk"], log=run.log)
+    ts.save_latents(cache, data, key, run.scaling_factor)
+    return data
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -213,14 +232,14 @@ def main(argv: list[str] | None = None, started: float | None = None) -> Path:
              for k, mod in (("vae", vae), ("text_encoder", text_encoder), ("unet", unet))}
     run.log("[model] params (M): " + ", ".join(f"{k} {v:.2f}" for k, v in sizes.items()))
     sched_cfg = models.scheduler_config(cfg["schedule"])
-    data = ts.build_trainset(cfg, tokenizer, run.device, run.log)
+    in_unet_phase = resume is not None and resume["phase"] in ("unet", "done")
+    data = None if in_unet_phase else ts.build_trainset(cfg, tokenizer, run.device, run.log)
     run.train_seconds = max(0.0, run.deadline - time.monotonic())
     autoencoder_phases(run, vae, data, resume)
     if resume is not None and resume["phase"] in ("vae", "decoder"):
         resume = None
     run.vae_half = ck.half_state(vae)
-    with torch.no_grad():
-        run.scaling_factor = ts.encode_latents(vae, data, chunk=cfg["render_chunk"], log=run.log)
+    data = unet_inputs(run, vae, tokenizer, data)
     vae.register_to_config(scaling_factor=run.scaling_factor)
     if resume is None:
         loop.save_ckpt(run, {"phase": "unet", "step": 0, "planned": None, "vae_scale": run.scaling_factor,

@@ -7,8 +7,12 @@ a resumed run sees exactly the batches an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,13 +25,13 @@ from sdtune.toyworld.world import render_batch, sample_scenes
 class TrainSet:
     """Images (uint8 [N,3,H,W]), attributes (long [N] each) and the tokenized caption table [C,77]."""
 
-    images: torch.Tensor
+    images: torch.Tensor | None  # None when only the latents were loaded (a resumed UNet phase)
     attrs: dict[str, torch.Tensor]
     caption_ids: torch.Tensor
     latents: torch.Tensor | None = None  # scaled latents (fp16) once the VAE is trained
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return self.attrs["shape"].shape[0]
 
 
 def build_trainset(cfg: dict[str, Any], tokenizer, device: torch.device, log=print) -> TrainSet:
@@ -84,3 +88,33 @@ def encode_latents(vae, data: TrainSet, chunk: int, log=print) -> float:
         f"{[round(float(m), 3) for m in mean]} in {time.monotonic() - t0:.1f}s")
     return scale
 
+
+
+def latents_key(cfg: dict[str, Any], vae_half: dict[str, torch.Tensor]) -> str:
+    """What the latents depend on: the recipe (scenes, captions) and the VAE's saved weights."""
+    digest = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
+    for name in sorted(vae_half):
+        digest.update(name.encode())
+        digest.update(vae_half[name].contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_latents(path: Path, data: TrainSet, key: str, scale: float) -> None:
+    """Keep the UNet phase's inputs on disk, so a resumed chunk skips rendering and encoding (minutes on a
+    CPU). Written beside and then renamed over, so a cut-off never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"key": key, "scale": scale, "latents": data.latents.cpu(), "caption_ids": data.caption_ids.cpu(),
+                "attrs": {k: v.cpu() for k, v in data.attrs.items()}}, tmp)
+    os.replace(tmp, path)
+
+
+def load_latents(path: Path, key: str, device: torch.device) -> tuple[TrainSet, float] | None:
+    """(latents-only TrainSet, scaling factor) saved by save_latents for this key, or None."""
+    if not path.is_file():
+        return None
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if saved.get("key") != key:
+        return None
+    to = lambda t: t.to(device)  # noqa: E731
+    data = TrainSet(None, {k: to(v) for k, v in saved["attrs"].items()}, to(saved["caption_ids"]), to(saved["latents"]))
+    return data, float(saved["scale"])
