@@ -4,8 +4,8 @@
 # resumes from the rolling checkpoint (.pretrain/pretrain_ckpt.pt, rewritten every 2 minutes), so a
 # cut-off loses at most those minutes. Once the latents are encoded they are cached beside it
 # (.pretrain/pretrain_ckpt_latents.pt, ~0.5 GB, never committed), so a resumed chunk skips rendering and
-# encoding 262,144 images (about 20 minutes on 2 cores). Run it in the background and re-run it with the same OUT to go on
-# after a reboot:
+# encoding 262,144 images (about 20 minutes on 2 cores). Run it in the background, and re-run it with the
+# same OUT to go on after a reboot:
 #
 #   nohup scripts/pretrain_cpu.sh out/heldout_cpu > out/heldout_cpu.log 2>&1 &
 #

@@ -9,7 +9,8 @@ The whole run fits a wall-clock budget (--minutes, counted from start-up): after
 count that fits (its cosine schedule ends there), shrinking it if the steps slow down. One rolling
 checkpoint (fp16 weights + 8-bit Adam moments) is rewritten every few minutes and at each phase's end, so
 `--resume` continues an interrupted run; the encoded latents are cached beside it, so a run resumed in the
-UNet phase does not render and encode its images again (minutes on a CPU). The result is an fp16 StableDiffusionPipeline folder.
+UNet phase does not render and encode its images again (minutes on a CPU). The result is an fp16
+StableDiffusionPipeline folder.
 """
 
 from __future__ import annotations

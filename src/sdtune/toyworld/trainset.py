@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import torch
 
+from sdtune.toyworld import ckpt as ck
 from sdtune.toyworld.captions import EMPTY_INDEX, all_captions, caption_index
 from sdtune.toyworld.world import render_batch, sample_scenes
 
@@ -89,7 +89,6 @@ def encode_latents(vae, data: TrainSet, chunk: int, log=print) -> float:
     return scale
 
 
-
 def latents_key(cfg: dict[str, Any], vae_half: dict[str, torch.Tensor]) -> str:
     """What the latents depend on: the recipe (scenes, captions) and the VAE's saved weights."""
     digest = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
@@ -101,18 +100,17 @@ def latents_key(cfg: dict[str, Any], vae_half: dict[str, torch.Tensor]) -> str:
 
 def save_latents(path: Path, data: TrainSet, key: str, scale: float) -> None:
     """Keep the UNet phase's inputs on disk, so a resumed chunk skips rendering and encoding (minutes on a
-    CPU). Written beside and then renamed over, so a cut-off never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"key": key, "scale": scale, "latents": data.latents.cpu(), "caption_ids": data.caption_ids.cpu(),
-                "attrs": {k: v.cpu() for k, v in data.attrs.items()}}, tmp)
-    os.replace(tmp, path)
+    CPU). Written like the checkpoint beside it, so a cut-off never leaves half a file."""
+    attrs = {k: v.cpu() for k, v in data.attrs.items()}
+    ck.save_checkpoint(path, {"key": key, "scale": scale, "latents": data.latents.cpu(),
+                              "caption_ids": data.caption_ids.cpu(), "attrs": attrs})
 
 
 def load_latents(path: Path, key: str, device: torch.device) -> tuple[TrainSet, float] | None:
     """(latents-only TrainSet, scaling factor) saved by save_latents for this key, or None."""
     if not path.is_file():
         return None
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved = ck.load_checkpoint(path)
     if saved.get("key") != key:
         return None
     to = lambda t: t.to(device)  # noqa: E731
