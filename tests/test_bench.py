@@ -50,3 +50,15 @@ def test_scaling_rows_run_each_in_their_own_process():
     assert row.get("error") is None, row
     assert (row["resolution"], row["batch_size"]) == (32, 2) and row["ms_per_step"] > 0 and row["peak_gib"] > 0
     assert result["machine"]["device"].startswith("cpu")
+
+
+def test_synthetic_images_for_a_large_batch_are_all_drawn_and_distinct(tmp_path):
+    # bs16 on the H200 crashed here: the disc's edges crossed from the 9th image on.
+    from PIL import Image
+
+    from sdtune.bench import write_synthetic_images
+
+    folder = write_synthetic_images(tmp_path, 64, 16)
+    pictures = [Image.open(path).tobytes() for path in sorted(folder.glob("*.png"))]
+    assert len(pictures) == 16
+    assert len(set(pictures)) == 16

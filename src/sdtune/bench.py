@@ -176,10 +176,10 @@ def write_synthetic_images(folder: Path, resolution: int, count: int = 4) -> Pat
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(count):
         ramp = torch.linspace(0, 1, resolution)
-        pixels = torch.stack([ramp[None, :].expand(resolution, -1) * (60 + 40 * i),
+        pixels = torch.stack([ramp[None, :].expand(resolution, -1) * (60 + 40 * (i % 5)),
                               ramp[:, None].expand(-1, resolution) * 120, torch.full((resolution, resolution), 90.0)])
         image = Image.fromarray(pixels.permute(1, 2, 0).to(torch.uint8).numpy())
-        edge = resolution // 4 + i * resolution // 32
+        edge = resolution // 4 + (i % 8) * resolution // 32  # stays a disc for any count
         ImageDraw.Draw(image).ellipse([edge, edge, resolution - edge, resolution - edge], fill=(240, 200, 40))
         image.save(folder / f"subject_{i}.png")
     return folder
