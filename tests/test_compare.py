@@ -139,3 +139,19 @@ def test_bad_requests_are_one_line_errors(capsys, tmp_path, subject_dir):
     bad.write_text("rows: {lora: {train: {stepz: 3}}}\n")
     assert "lora.train.stepz" in _error(capsys, ["compare", "--config", str(bad), "--output", out])
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_a_row_with_its_own_class_images_keeps_them(tmp_path):
+    # Rows with prior preservation share one generated set, unless a row names its own folder.
+    config = tmp_path / "rows.yaml"
+    config.write_text("rows:\n"
+                      "  own: {method: dreambooth, data: {class_images: " + str(tmp_path / "mine") + "},"
+                      " train: {prior_preservation: true}}\n"
+                      "  shared: {method: dreambooth, train: {prior_preservation: true}}\n")
+    opts = CompareOptions(output=str(tmp_path), methods="own,shared", config=str(config))
+    token, class_word, prompts = _subject_words(opts, "builtin")
+    plan = load_plan("builtin", token, class_word, opts.methods, opts.config, prompts)
+    jobs = {job["row"]: job for job in make_jobs(plan, opts, tmp_path / "subject", tmp_path)}
+    assert jobs["own"]["data"]["class_images"] == str(tmp_path / "mine")
+    assert jobs["shared"]["data"]["class_images"] == str(tmp_path / "class_images")
+    assert jobs["class-images"]["data"]["class_images"] == str(tmp_path / "class_images")

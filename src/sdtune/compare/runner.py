@@ -114,7 +114,8 @@ def make_jobs(plan: Plan, opts: CompareOptions, subject: Path, out: Path) -> lis
     common = {"output": str(out), "model": opts.model, "model_config": opts.model_config, "images": str(subject),
               "class_word": plan.class_word, "eval": json.loads(json.dumps(asdict(plan.evaluation)))}
     class_folder = str(out / "class_images")
-    prior = [row for row in plan.rows if row.train.get("prior_preservation")]
+    # Rows naming their own class images keep them; the others share one generated set.
+    prior = [row for row in plan.rows if row.train.get("prior_preservation") and not row.data.get("class_images")]
     jobs = []
     if prior:
         jobs.append({**common, "kind": "class-images", "row": "class-images", "seed": 0, "token": plan.token,
