@@ -45,6 +45,16 @@ def test_save_and_load_round_trip(tmp_path):
     assert os.listdir(path.parent) == ["a.safetensors"]  # no temp file left behind
 
 
+def test_identical_saves_give_identical_bytes(tmp_path):
+    """Same tensors and run card, same file: safetensors alone orders metadata keys by hash, per save."""
+    card = {**run_card(method="lora", steps=10, note="naïve ü \"quoted\""), **{f"key{i}": str(i) for i in range(12)}}
+    blobs = {save_artifact(tmp_path / f"{i}.safetensors", _tensors(), card).read_bytes() for i in range(6)}
+    assert len(blobs) == 1
+    tensors, metadata = load_artifact(tmp_path / "0.safetensors")
+    assert metadata == card
+    assert torch.equal(tensors["w"], _tensors()["w"])
+
+
 def test_shared_storage_tensors_are_saved(tmp_path):
     base = torch.randn(4, 4)
     tensors, _ = load_artifact(save_artifact(tmp_path / "s.safetensors", {"a": base, "b": base, "c": base[0]}, {}))

@@ -11,6 +11,7 @@ import os
 import pickle
 import re
 import shutil
+import struct
 import tempfile
 import uuid
 from collections import Counter
@@ -135,6 +136,7 @@ def save_artifact(
     tmp = Path(tmp_name)
     try:
         st.save_file(prepared, tmp, metadata=meta)
+        _sort_metadata_in_place(tmp)
         _fsync(tmp)
         os.replace(tmp, path)
     except BaseException as exc:
@@ -145,6 +147,24 @@ def save_artifact(
         raise
     _fsync(path.parent, directory=True)
     return path
+
+
+def _sort_metadata_in_place(path: Path) -> None:
+    """Rewrite the header with its metadata keys sorted. safetensors writes them in hash order, which
+    changes from save to save, so two identical runs would give files with different bytes and hashes.
+    The sorted header has the same length (same keys and values), so only those bytes change."""
+    with open(path, "r+b") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(length)
+        header = json.loads(raw)
+        if "__metadata__" not in header:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) > length:  # not expected: the writer's JSON escaping differs from ours; keep its own
+            return
+        f.seek(8)
+        f.write(text.ljust(length, b" "))  # the format pads the header with spaces
 
 
 @contextlib.contextmanager
