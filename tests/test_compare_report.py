@@ -107,7 +107,7 @@ def test_reading_follows_the_numbers():
     assert "dreambooth-no-prior (0.88), dreambooth (0.85) and lora (0.80) learn the subject best" in text
     assert "hypernetwork is not clearly above it" in text
     assert "Prior preservation on dreambooth" in text and ": clearly better." in text
-    assert "dreambooth-no-prior (0.30) and lora (0.70) let the subject leak into the class word" in text
+    assert "dreambooth-no-prior (0.30) and lora (0.70) keep the class word's meaning less well than the base model" in text
     assert "**When the subject must look right**: dreambooth-no-prior, dreambooth and lora (tied); of these " \
            "dreambooth keeps the class word best (0.80)." in text
     assert "textual-inversion writes the smallest file" in text

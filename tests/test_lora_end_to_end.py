@@ -139,3 +139,33 @@ def test_resume_continues_exactly(subject_dir, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+
+def _largest_b_after_one_step(subject_dir, out, **lora) -> dict[str, float]:
+    """Per component, the largest LoRA B entry after one step at lr 1e-3. B starts at zero and Adam's first
+    step moves every element with a gradient by about its learning rate: this reads the lr B was given."""
+    from sdtune.artifacts import load_artifact
+
+    cfg = LoRAConfig(rank=4, format="sdtune", **lora)
+    train(load("tiny:sd1"), LoRA(cfg), cfg, TrainConfig(steps=1, lr=1e-3, batch_size=2, log_dir="none"),
+          DataConfig(images=str(subject_dir), token="sks", class_word="dog"), out, "a", progress=False)
+    state, _ = load_artifact(out / "a.safetensors")
+    largest: dict[str, float] = {}
+    for key, value in state.items():
+        if key.endswith("lora_B.weight"):
+            component = key.split(".")[0]
+            largest[component] = max(largest.get(component, 0.0), float(value.abs().max()))
+    return largest
+
+
+def test_loraplus_ratio_gives_the_b_matrices_a_larger_step(subject_dir, tmp_path):
+    assert _largest_b_after_one_step(subject_dir, tmp_path / "plain") == {"unet": pytest.approx(1e-3, rel=0.02)}
+    plus = _largest_b_after_one_step(subject_dir, tmp_path / "plus", loraplus_ratio=16.0)
+    assert plus == {"unet": pytest.approx(16e-3, rel=0.02)}
+
+
+def test_text_encoder_lr_applies_to_the_text_encoder_lora_only(subject_dir, tmp_path):
+    steps = _largest_b_after_one_step(subject_dir, tmp_path / "te", train_text_encoder=True, text_encoder_lr=2e-4,
+                                      loraplus_ratio=4.0)
+    assert steps == {"unet": pytest.approx(4e-3, rel=0.02), "text_encoder": pytest.approx(8e-4, rel=0.02)}

@@ -271,13 +271,22 @@ def _class_images(model, data_cfg: DataConfig, train_cfg: TrainConfig, out_dir: 
         return class_images.prepare(model, data_cfg, out_dir / "class_images", progress and accelerator.is_main_process)
 
 
+def _group_with_lr(group: dict, base_lr: float, lr_scale: float) -> dict:
+    """A group's own lr ("lr", else the base lr, times "lr_factor") scaled like the base lr."""
+    group = dict(group)
+    factor = group.pop("lr_factor", 1.0)
+    if "lr" in group or factor != 1.0:
+        group["lr"] = group.get("lr", base_lr) * factor * lr_scale
+    return group
+
+
 def _make_optimizer(param_groups: list[dict], lr_scale: float, cfg: TrainConfig, device):
     """AdamW (8-bit on request) over the groups; a group's own lr is scaled like the base lr."""
     from diffusers.optimization import get_scheduler
 
     if not any(group["params"] for group in param_groups):
         raise SdtuneError("The method has nothing to train; check its settings.")
-    param_groups = [{**group, "lr": group["lr"] * lr_scale} if "lr" in group else group for group in param_groups]
+    param_groups = [_group_with_lr(group, cfg.lr, lr_scale) for group in param_groups]
     optimizer_cls = torch.optim.AdamW
     if cfg.use_8bit_adam:
         if device.type != "cuda":

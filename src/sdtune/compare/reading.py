@@ -134,8 +134,10 @@ def _prior_sentences(trained: list[dict], base: dict | None) -> list[str]:
     if base:
         leaking = [r for r in trained if above(_q(base, PRIOR_KEY), _q(r, PRIOR_KEY))]
         if leaking:
-            out.append(f"{_names(leaking, PRIOR_KEY)} let the subject leak into the class word (the base model "
-                       f"scores {_value(_q(base, PRIOR_KEY))} on prior preservation).")
+            # The metric cannot tell the subject leaking in from plain objects in the wrong colour: say only
+            # that the class word draws less of what it asks for.
+            out.append(f"{_names(leaking, PRIOR_KEY)} keep the class word's meaning less well than the base model "
+                       f"({_value(_q(base, PRIOR_KEY))} on prior preservation).")
     return out
 
 

@@ -27,7 +27,8 @@ class Method(Protocol):
 
     def setup(self, model, cfg) -> list[torch.nn.Parameter] | list[dict]:
         """Freeze the model, inject what trains, return the trainable parameters (or optimizer param
-        groups: dicts with "params" and optionally "lr" / "stop_after" (a step after which they freeze))."""
+        groups: dicts with "params" and optionally "lr", "lr_factor" (times the run's lr) and "stop_after" (a step
+        after which they freeze))."""
 
     def state_dict(self, model) -> dict[str, torch.Tensor]:
         """The trained values under canonical keys (component-prefixed module paths)."""

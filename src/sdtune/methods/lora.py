@@ -38,6 +38,10 @@ class LoRAConfig:
     targets: str = opt("attn", "comma list of layer groups (attn, ff, conv) or module-name suffixes",
                        flag="lora-targets")
     train_text_encoder: bool = opt(False, "also put LoRA on the text encoder(s) attention projections")
+    text_encoder_lr: float = opt(0.0, "learning rate of the text-encoder LoRA (0: the run's lr)", min=0.0,
+                                 max=10.0)
+    loraplus_ratio: float = opt(1.0, "LoRA+: the B (up) matrices learn this many times faster than A "
+                                "(1: plain LoRA; the LoRA+ paper suggests 16)", min=1.0, max=1000.0)
     format: str = opt("kohya", "file layout written", choices=("kohya", "diffusers", "sdtune"))
 
 
@@ -46,6 +50,22 @@ def unet_target_modules(targets: str) -> list[str]:
     for item in (t.strip() for t in targets.split(",") if t.strip()):
         names += UNET_TARGET_GROUPS.get(item, [item])
     return list(dict.fromkeys(names))
+
+
+def _param_groups(named: list[tuple[str, torch.nn.Parameter]], loraplus_ratio: float,
+                  text_encoder_lr: float) -> list[dict]:
+    """Optimizer groups by component (the text encoders may have their own lr) and by matrix: LoRA+
+    (Hayou et al. 2024) gives the B matrices a larger step than the A matrices."""
+    groups: dict[tuple[bool, bool], dict] = {}
+    for name, param in named:
+        is_text, is_b = name.startswith("text_encoder"), ".lora_B." in name
+        group = groups.setdefault((is_text, is_b and loraplus_ratio != 1.0), {"params": []})
+        group["params"].append(param)
+        if is_text and text_encoder_lr:
+            group["lr"] = text_encoder_lr
+        if is_b and loraplus_ratio != 1.0:
+            group["lr_factor"] = loraplus_ratio
+    return list(groups.values())
 
 
 class LoRA:
@@ -62,7 +82,7 @@ class LoRA:
         return self.cfg.alpha or float(self.cfg.rank)
 
     # Training -----------------------------------------------------------------------------------------------
-    def setup(self, model, cfg: LoRAConfig | None = None) -> list[torch.nn.Parameter]:
+    def setup(self, model, cfg: LoRAConfig | None = None) -> list[dict]:
         from peft import LoraConfig, inject_adapter_in_model
 
         self.cfg = cfg or self.cfg
@@ -71,7 +91,7 @@ class LoRA:
         plan = {"unet": unet_target_modules(self.cfg.targets)}
         if self.cfg.train_text_encoder:
             plan.update({name: TEXT_TARGETS for name in model.components() if name.startswith("text_encoder")})
-        params: list[torch.nn.Parameter] = []
+        named: list[tuple[str, torch.nn.Parameter]] = []
         for component, targets in plan.items():
             module = model.components()[component]
             config = LoraConfig(r=self.cfg.rank, lora_alpha=self.alpha, lora_dropout=self.cfg.dropout,
@@ -80,10 +100,11 @@ class LoRA:
                 inject_adapter_in_model(config, module, adapter_name=TRAIN_ADAPTER)
             except ValueError as exc:
                 raise SdtuneError(f"No {component} layer matches --lora-targets '{self.cfg.targets}'.") from exc
-            params += [p for n, p in module.named_parameters() if f".{TRAIN_ADAPTER}." in f".{n}." and "lora_" in n]
-        for param in params:
+            named += [(f"{component}.{n}", p) for n, p in module.named_parameters()
+                      if f".{TRAIN_ADAPTER}." in f".{n}." and "lora_" in n]
+        for _, param in named:
             param.requires_grad_(True)
-        return params
+        return _param_groups(named, self.cfg.loraplus_ratio, self.cfg.text_encoder_lr)
 
     def state_dict(self, model) -> dict[str, torch.Tensor]:
         from peft import get_peft_model_state_dict
