@@ -13,6 +13,8 @@ from sdtune.model import load
 from sdtune.train import train
 
 FAMILIES = ["sd1", "sd2"]
+GROUP_MARKERS = {"attn": "to_k", "ff": "ff_net_2", "conv": "conv2", "time": "time_emb_proj", "io": "conv_out",
+                 "resample": "upsamplers_0_conv"}
 
 
 def _train_cli(model_dir, images, out, fmt, steps=4, extra=()):
@@ -44,16 +46,19 @@ def _diffusers_image(model_dir, lora_file, prompt):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
-@pytest.mark.parametrize("targets", ["attn", "attn,conv"])  # attn,conv: kohya's LoCon layout, the compare recipe
+# attn,conv: kohya's LoCon layout; the last: every UNet group sdtune names, as the compare recipe uses most of them
+@pytest.mark.parametrize("targets", ["attn", "attn,conv", "attn,ff,conv,time,io,resample"])
 def test_trained_lora_matches_diffusers_loader(tiny_pipeline_dirs, subject_dir, tmp_path, family, fmt, targets):
     model_dir = tiny_pipeline_dirs[family]
     lora = _train_cli(model_dir, subject_dir, tmp_path / "out", fmt, extra=("--lora-targets", targets))
     assert lora.is_file()
-    if "conv" in targets:
-        from safetensors import safe_open
+    from safetensors import safe_open
 
-        with safe_open(str(lora), "pt") as f:
-            assert any("conv1" in k or "conv2" in k for k in f.keys()), "no LoRA weights for the ResNet convolutions"
+    with safe_open(str(lora), "pt") as f:
+        keys = [k.replace(".", "_") for k in f.keys()]  # one spelling for the kohya and diffusers layouts
+    for group in targets.split(","):
+        marker = GROUP_MARKERS[group]
+        assert any(marker in k for k in keys), f"no LoRA weights for the {group} layers ({marker})"
     ours = _sdtune_image(model_dir, "a sks dog <lora:sks:1>", lora.parent, tmp_path / "ours.png")
     theirs = _diffusers_image(model_dir, lora, "a sks dog")
     base = _diffusers_image(model_dir, None, "a sks dog")

@@ -23,6 +23,9 @@ UNET_TARGET_GROUPS = {
     "attn": ["to_q", "to_k", "to_v", "to_out.0"],
     "ff": ["ff.net.0.proj", "ff.net.2"],
     "conv": ["conv1", "conv2", "conv_shortcut", "proj_in", "proj_out"],
+    "time": ["time_emb_proj"],  # each ResNet block's timestep-embedding projection
+    "io": ["conv_in", "conv_out"],
+    "resample": ["downsamplers.0.conv", "upsamplers.0.conv"],
 }
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 LORA_KEY = re.compile(r"^(?P<component>[a-z_0-9]+?)\.(?P<path>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|alpha)$")
@@ -35,7 +38,8 @@ class LoRAConfig:
     rank: int = opt(4, "LoRA rank r", min=1, max=4096)
     alpha: float = opt(0.0, "LoRA alpha; the update is scaled by alpha/rank (0: alpha = rank)", min=0.0)
     dropout: float = opt(0.0, "dropout on the LoRA input during training", min=0.0, max=0.99)
-    targets: str = opt("attn", "comma list of layer groups (attn, ff, conv) or module-name suffixes",
+    targets: str = opt("attn", "comma list of layer groups (attn, ff, conv, time, io, resample) or "
+                       "module-name suffixes",
                        flag="lora-targets")
     train_text_encoder: bool = opt(False, "also put LoRA on the text encoder(s) attention projections")
     text_encoder_lr: float = opt(0.0, "learning rate of the text-encoder LoRA (0: the run's lr)", min=0.0,
