@@ -100,8 +100,9 @@ def _random_lora_state() -> dict:
     method = LoRA(LoRAConfig(rank=4))
     torch.manual_seed(5)
     with torch.no_grad():
-        for param in method.setup(model, method.cfg):
-            param.normal_(0, 0.3)
+        for group in method.setup(model, method.cfg):
+            for param in group["params"]:
+                param.normal_(0, 0.3)
     return method.state_dict(model)
 
 

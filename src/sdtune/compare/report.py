@@ -57,11 +57,11 @@ def build_blocks(results: dict, out: Path) -> list[Block]:
 def _summary(results: dict) -> str:
     opts, subject = results["options"], results["subject"]
     where = "the builtin toy-world subject" if results["profile"] == "builtin" else f"the images in `{opts['images']}`"
-    seeds = results["seeds"]
+    seeds, threads = results["seeds"], results["machine"]["torch_threads"]
     return (f"Model `{opts['model']}`, {where} (token `{subject['token']}`, class word `{subject['class_word']}`); "
             f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))}); the whole comparison "
             f"took {results['wall_time_s']:.0f} s on {results['machine']['cpu']} "
-            f"({results['machine']['torch_threads']} threads, accelerator: {results['machine']['accelerator']}); "
+            f"({threads} thread{'s' if threads != 1 else ''}, accelerator: {results['machine']['accelerator']}); "
             f"{results['created']}.")
 
 
