@@ -80,6 +80,11 @@ def test_compare_runs_each_method_in_its_own_process_and_reports_it(tmp_path, su
     assert main(argv) == 0
     again = json.loads((out / "results.json").read_text())
     assert again["rows"][1]["quality"] == lora["quality"]
+    # The report says so rather than passing this invocation's seconds off as the comparison's (the failed
+    # hypernetwork run is tried again).
+    assert (results["runs_reused"], again["runs_reused"], again["runs"]) == (0, 2, 3)
+    assert "(2 of 3 runs reused from an earlier invocation)" in (out / "report.md").read_text()
+    assert "reused" not in report
     assert json.loads((out / "runs/lora/seed-0/result.json").read_text())["pid"] == run["pid"]
     # ... also once the folder was moved (its jobs name paths inside it).
     moved = out.rename(tmp_path / "moved")

@@ -60,9 +60,14 @@ def _summary(results: dict) -> str:
     seeds, threads = results["seeds"], results["machine"]["torch_threads"]
     return (f"Model `{opts['model']}`, {where} (token `{subject['token']}`, class word `{subject['class_word']}`); "
             f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))}); the whole comparison "
-            f"took {results['wall_time_s']:.0f} s on {results['machine']['cpu']} "
+            f"took {results['wall_time_s']:.0f} s{_reused(results)} on {results['machine']['cpu']} "
             f"({threads} thread{'s' if threads != 1 else ''}, accelerator: {results['machine']['accelerator']}); "
             f"{results['created']}.")
+
+
+def _reused(results: dict) -> str:
+    reused = results.get("runs_reused", 0)
+    return f" ({reused} of {results['runs']} runs reused from an earlier invocation)" if reused else ""
 
 
 def _estimate(est: dict | None) -> str:

@@ -32,6 +32,8 @@ def assemble(plan: Plan, options: dict, runs: dict[tuple[str, int], dict], judge
         "subject": {"token": plan.token, "class_word": plan.class_word},
         "seeds": seeds,
         "wall_time_s": round(seconds, 1),
+        "runs_reused": sum(1 for run in runs.values() if run.get("reused")),
+        "runs": len(runs),
         "evaluation": {**asdict(plan.evaluation),
                        "prompts": fill(plan.evaluation.prompts, plan.token, plan.class_word),
                        "class_prompts": fill(plan.evaluation.class_prompts, plan.token, plan.class_word)},

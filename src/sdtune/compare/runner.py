@@ -131,12 +131,14 @@ def make_jobs(plan: Plan, opts: CompareOptions, subject: Path, out: Path) -> lis
 
 
 def run_job(job: dict, logs: Path, board: Board, fresh: bool = False) -> dict:
-    """Run one worker job in a subprocess (or reuse its finished folder); returns its result or {"error"}."""
+    """Run one worker job in a subprocess (or reuse its finished folder); returns its result or {"error"}.
+    A reused result says so ("reused": true), so the report does not pass this invocation's time off as
+    the comparison's."""
     folder = Path(job["out"])
     board.start(job_work(job))
     if not fresh and _finished(folder, job):
         board.finish("reused")
-        return json.loads((folder / "result.json").read_text())
+        return {**json.loads((folder / "result.json").read_text()), "reused": True}
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / f"{job['row']}-seed-{job['seed']}.log"
     error = ""
