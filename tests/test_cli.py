@@ -66,6 +66,15 @@ def test_invalid_config_values_name_the_field(capsys, tmp_path, subject_dir, fla
     assert field in err
 
 
+@pytest.mark.parametrize("low,high", [("900", "100"), ("0", "1001"), ("500", "500")])
+def test_a_bad_timestep_range_is_refused_before_anything_is_written(capsys, tmp_path, subject_dir, low, high):
+    out = tmp_path / "o"
+    err = _run_error(capsys, TRAIN + ["--model", "tiny:sd1", "--images", str(subject_dir), "--output", str(out),
+                                      "--min-timestep", low, "--max-timestep", high])
+    assert f"min_timestep {low} / max_timestep {high}" in err and "1000" in err
+    assert not list(out.glob("*.safetensors"))
+
+
 def test_lora_for_another_family_is_refused(capsys, tmp_path, subject_dir, tiny_pipeline_dirs):
     xl = tmp_path / "xl"
     assert main(TRAIN + ["--model", "tiny:sdxl", "--images", str(subject_dir), "--output", str(xl)]) == 0

@@ -31,6 +31,14 @@ def test_noise_depends_only_on_seed_and_position():
     assert not torch.equal(b, c)
 
 
+def test_timesteps_stay_in_the_range_asked_for():
+    positions = list(range(400))
+    _, everywhere = draw_noise((4, 8, 8), positions, seed=1, num_timesteps=1000)
+    _, high = draw_noise((4, 8, 8), positions, seed=1, num_timesteps=1000, timestep_range=(700, 1000))
+    assert everywhere.min() < 100 and everywhere.max() > 900
+    assert high.min() >= 700 and 990 <= high.max() <= 999 and len(set(high.tolist())) > 100
+
+
 def test_splitting_the_batch_gives_the_same_weights(tmp_path, subject_dir):
     whole, whole_run = _lora_run(tmp_path / "whole", subject_dir, batch_size=4, grad_accum=1)
     split, split_run = _lora_run(tmp_path / "split", subject_dir, batch_size=2, grad_accum=2)

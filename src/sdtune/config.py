@@ -71,6 +71,9 @@ class TrainConfig:
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)", min=0.0)
     weight_decay: float = opt(1e-2, "AdamW weight decay", min=0.0)
     offset_noise: float = opt(0.0, "offset-noise strength", min=0.0, max=1.0)
+    min_timestep: int = opt(0, "lowest training timestep drawn (kohya's --min_timestep)", min=0)
+    max_timestep: int = opt(0, "training timesteps are drawn below this (kohya's --max_timestep; 0: the "
+                            "scheduler's count, 1000)", min=0)
     min_snr_gamma: float = opt(0.0, "min-SNR loss weighting gamma (0 disables)", min=0.0)
     prior_preservation: bool = opt(False, "add the class-image loss (DreamBooth prior preservation)")
     prior_loss_weight: float = opt(1.0, "weight of the class-image loss", min=0.0)

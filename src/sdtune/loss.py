@@ -16,8 +16,11 @@ def sample_seed(seed: int, position: int) -> int:
 
 
 def draw_noise(latent_shape: tuple[int, ...], positions: list[int], seed: int, num_timesteps: int,
-               offset_noise: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample noise [B, *latent_shape] and timesteps [B], on the CPU (move them to the device after)."""
+               offset_noise: float = 0.0, timestep_range: tuple[int, int] | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample noise [B, *latent_shape] and timesteps [B] (uniform in timestep_range, lowest included,
+    highest not; default all num_timesteps), on the CPU (move them to the device after)."""
+    low, high = timestep_range or (0, num_timesteps)
     noises, timesteps = [], []
     for position in positions:
         gen = torch.Generator().manual_seed(sample_seed(seed, position))
@@ -26,7 +29,7 @@ def draw_noise(latent_shape: tuple[int, ...], positions: list[int], seed: int, n
             # Offset noise: a per-channel constant shift, so the model learns to change mean brightness.
             noise = noise + offset_noise * torch.randn((latent_shape[0], 1, 1), generator=gen)
         noises.append(noise)
-        timesteps.append(torch.randint(0, num_timesteps, (1,), generator=gen))
+        timesteps.append(torch.randint(low, high, (1,), generator=gen))
     return torch.stack(noises), torch.cat(timesteps)
 
 

@@ -65,6 +65,7 @@ def _train(model, method, method_cfg, train_cfg: TrainConfig, data_cfg: DataConf
 
     # 1. Class images come from the untouched base model; then the method decides what trains. Only
     #    then are frozen weights stored in the mixed-precision dtype, so trained ones start exact.
+    timestep_range(train_cfg, model.noise_scheduler().config.num_train_timesteps)  # refuse a bad range now
     model.fingerprint()  # the base weights' identity (run card, class-image cache), before anything changes
     model.to(device)
     model.vae.to(dtype=torch.float32)  # SDXL's VAE overflows in fp16; it runs once per image anyway
@@ -210,8 +211,9 @@ def _micro_batch_loss(unet: UNetRunner, examples: TrainingSet, positions: list[i
     """Loss of one micro-batch, normalised by the global batch so split batches sum to the whole."""
     batch = examples.batch(positions)
     latents = batch.latents.to(accelerator.device)
-    noise, timesteps = draw_noise(tuple(latents.shape[1:]), batch.noise_positions, cfg.seed,
-                                  noise_scheduler.config.num_train_timesteps, cfg.offset_noise)
+    count = noise_scheduler.config.num_train_timesteps
+    noise, timesteps = draw_noise(tuple(latents.shape[1:]), batch.noise_positions, cfg.seed, count,
+                                  cfg.offset_noise, timestep_range(cfg, count))
     noise, timesteps = speed.to_device(noise, latents.device), speed.to_device(timesteps, latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     cond: Conditioning = batch.conditioning
@@ -223,6 +225,15 @@ def _micro_batch_loss(unet: UNetRunner, examples: TrainingSet, positions: list[i
     is_class = speed.to_device(batch.is_class, latents.device)
     n_class = global_batch if cfg.prior_preservation else 0
     return combine(losses, is_class, cfg.prior_loss_weight, global_batch, n_class)
+
+
+def timestep_range(cfg: TrainConfig, count: int) -> tuple[int, int]:
+    """The [low, high) training timesteps are drawn from: min_timestep/max_timestep within the scheduler's."""
+    low, high = cfg.min_timestep, cfg.max_timestep or count
+    if not low < high <= count:
+        raise SdtuneError(f"min_timestep {low} / max_timestep {high} must satisfy 0 <= min < max <= {count} "
+                          "(the scheduler's timestep count).")
+    return low, high
 
 
 def _as_param_groups(trainable) -> list[dict]:
