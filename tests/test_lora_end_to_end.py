@@ -146,7 +146,6 @@ def test_resume_continues_exactly(subject_dir, tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
-
 def _largest_b_after_one_step(subject_dir, out, **lora) -> dict[str, float]:
     """Per component, the largest LoRA B entry after one step at lr 1e-3. B starts at zero and Adam's first
     step moves every element with a gradient by about its learning rate: this reads the lr B was given."""

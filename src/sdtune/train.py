@@ -65,7 +65,8 @@ def _train(model, method, method_cfg, train_cfg: TrainConfig, data_cfg: DataConf
 
     # 1. Class images come from the untouched base model; then the method decides what trains. Only
     #    then are frozen weights stored in the mixed-precision dtype, so trained ones start exact.
-    timestep_range(train_cfg, model.noise_scheduler().config.num_train_timesteps)  # refuse a bad range now
+    noise_scheduler = model.noise_scheduler()
+    timestep_range(train_cfg, noise_scheduler.config.num_train_timesteps)  # refuse a bad range before any work
     model.fingerprint()  # the base weights' identity (run card, class-image cache), before anything changes
     model.to(device)
     model.vae.to(dtype=torch.float32)  # SDXL's VAE overflows in fp16; it runs once per image anyway
@@ -83,7 +84,6 @@ def _train(model, method, method_cfg, train_cfg: TrainConfig, data_cfg: DataConf
         torch.cuda.reset_peak_memory_stats(device)  # peak memory measures training, not loading
     if train_cfg.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
-    noise_scheduler = model.noise_scheduler()
 
     # 2. Examples: latents and text conditioning computed once where nothing about them changes.
     templates = method.prompt_templates(model) if hasattr(method, "prompt_templates") else None

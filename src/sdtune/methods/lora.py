@@ -39,8 +39,7 @@ class LoRAConfig:
     alpha: float = opt(0.0, "LoRA alpha; the update is scaled by alpha/rank (0: alpha = rank)", min=0.0)
     dropout: float = opt(0.0, "dropout on the LoRA input during training", min=0.0, max=0.99)
     targets: str = opt("attn", "comma list of layer groups (attn, ff, conv, time, io, resample) or "
-                       "module-name suffixes",
-                       flag="lora-targets")
+                       "module-name suffixes", flag="lora-targets")
     train_text_encoder: bool = opt(False, "also put LoRA on the text encoder(s) attention projections")
     text_encoder_lr: float = opt(0.0, "learning rate of the text-encoder LoRA (0: the run's lr)", min=0.0,
                                  max=10.0)
@@ -62,13 +61,15 @@ def _param_groups(named: list[tuple[str, torch.nn.Parameter]], loraplus_ratio: f
     (Hayou et al. 2024) gives the B matrices a larger step than the A matrices."""
     groups: dict[tuple[bool, bool], dict] = {}
     for name, param in named:
-        is_text, is_b = name.startswith("text_encoder"), ".lora_B." in name
-        group = groups.setdefault((is_text, is_b and loraplus_ratio != 1.0), {"params": []})
-        group["params"].append(param)
-        if is_text and text_encoder_lr:
-            group["lr"] = text_encoder_lr
-        if is_b and loraplus_ratio != 1.0:
-            group["lr_factor"] = loraplus_ratio
+        is_text, is_faster_b = name.startswith("text_encoder"), loraplus_ratio != 1.0 and ".lora_B." in name
+        if (is_text, is_faster_b) not in groups:
+            group: dict = {"params": []}
+            if is_text and text_encoder_lr:
+                group["lr"] = text_encoder_lr
+            if is_faster_b:
+                group["lr_factor"] = loraplus_ratio
+            groups[is_text, is_faster_b] = group
+        groups[is_text, is_faster_b]["params"].append(param)
     return list(groups.values())
 
 
