@@ -95,12 +95,17 @@ def test_config_overrides_and_schedule():
     assert json.loads(json.dumps(cfg)) == cfg  # stored inside checkpoints as JSON
 
 
-def test_decoder_tune_changes_only_the_decoder_of_a_pipeline_folder(tmp_path):
+def test_decoder_tune_changes_only_the_decoder_of_a_pipeline_folder(tmp_path, monkeypatch):
+    import time
+
     from diffusers import AutoencoderKL
 
     from sdtune.toyworld import decoder_tune
 
     out = _run(tmp_path, "--max-steps", "2")
+    # As if a long test suite ran for an hour after the module was imported: the budget must count from the call.
+    real_clock = time.monotonic
+    monkeypatch.setattr(time, "monotonic", lambda: real_clock() + 3600)
     before = AutoencoderKL.from_pretrained(str(out / "vae")).state_dict()
     args = ["--pipeline", str(out), "--device", "cpu", "--max-steps", "3", "--ckpt", str(tmp_path / "dec.pt")]
     for item in TINY:

@@ -12,23 +12,20 @@ unchanged, which is why the phase can also run afterwards on a finished pipeline
 
 from __future__ import annotations
 
+import argparse
+import json
 import time
+from pathlib import Path
+from typing import Any
 
-_T0 = time.monotonic()
+import numpy as np
+import torch
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from sdtune.errors import SdtuneError  # noqa: E402
-from sdtune.toyworld import ckpt as ck  # noqa: E402
-from sdtune.toyworld import loop  # noqa: E402
-from sdtune.toyworld.trainset import images_as_float, step_generator  # noqa: E402
-from sdtune.toyworld.world import render_batch, sample_patterned_scenes, sample_scenes  # noqa: E402
+from sdtune.errors import SdtuneError
+from sdtune.toyworld import ckpt as ck
+from sdtune.toyworld import loop
+from sdtune.toyworld.trainset import images_as_float, step_generator
+from sdtune.toyworld.world import render_batch, sample_patterned_scenes, sample_scenes
 
 
 def decoder_params(vae) -> list[torch.nn.Parameter]:
@@ -134,7 +131,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         raise SdtuneError(f"{args.pipeline} has no vae/ folder; point --pipeline at a toy-world pipeline folder.")
     resume = ck.load_checkpoint(args.ckpt) if args.resume else None
     cfg = json.loads(resume["config"]) if resume else load_config(args.config, args.set)
-    run = loop.Run(args, cfg, _T0)
+    # The budget counts from this call, never from import: a long test suite may import the module early.
+    run = loop.Run(args, cfg, time.monotonic())
     torch.manual_seed(cfg["seed"])
     vae = AutoencoderKL.from_pretrained(str(vae_dir)).to(run.device, torch.float32)
     run.log(f"[decoder] before: {round_trip_report(vae, run.device)}")

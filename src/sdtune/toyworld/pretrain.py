@@ -15,28 +15,25 @@ StableDiffusionPipeline folder.
 
 from __future__ import annotations
 
+import argparse
+import json
+import shutil
+import tarfile
 import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
 
-_T0 = time.monotonic()  # the budget counts from here, before the heavy imports
+import torch
+import yaml
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import shutil  # noqa: E402
-import tarfile  # noqa: E402
-from importlib import resources  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-import torch  # noqa: E402
-import yaml  # noqa: E402
-
-from sdtune.errors import SdtuneError  # noqa: E402
-from sdtune.toyworld import ckpt as ck  # noqa: E402
-from sdtune.toyworld import loop  # noqa: E402
-from sdtune.toyworld import models  # noqa: E402
-from sdtune.toyworld import trainset as ts  # noqa: E402
-from sdtune.toyworld.captions import write_tokenizer  # noqa: E402
-from sdtune.toyworld.decoder_tune import decoder_phase  # noqa: E402
+from sdtune.errors import SdtuneError
+from sdtune.toyworld import ckpt as ck
+from sdtune.toyworld import loop
+from sdtune.toyworld import models
+from sdtune.toyworld import trainset as ts
+from sdtune.toyworld.captions import write_tokenizer
+from sdtune.toyworld.decoder_tune import decoder_phase
 
 DEFAULT_CKPT_DIR = Path(".pretrain")
 
@@ -208,7 +205,7 @@ def main(argv: list[str] | None = None, started: float | None = None) -> Path:
             raise SdtuneError(f"No checkpoint at {args.ckpt}; run without --resume first.")
         resume = ck.load_checkpoint(args.ckpt)
     cfg = json.loads(resume["config"]) if resume else load_config(args.config, args.set)
-    # The budget counts from process start when run as a command (imports included), else from this call.
+    # The budget counts from this call, never from import: a long test suite may import the module early.
     run = loop.Run(args, cfg, time.monotonic() if started is None else started)
     run.log(f"[start] device {run.device} budget {args.minutes} min, resume from "
             f"{resume['phase'] + ' step ' + str(resume['step']) if resume else 'nothing'}")
@@ -290,6 +287,6 @@ def _finish(run: loop.Run, out: Path) -> Path:
 
 if __name__ == "__main__":
     try:
-        main(started=_T0)
+        main()
     except SdtuneError as e:
         raise SystemExit(f"error: {e}")
