@@ -31,7 +31,7 @@ def two_files(tmp_path):
     folder.mkdir()
     states_a = build_file(folder / "a.pt", WIDTHS, ENTRIES_A, SPEC_A, seed=1)
     states_b = build_file(tmp_path / "b.pt", WIDTHS, ENTRIES_B, SPEC_B, seed=2)
-    write_file(_decode(tmp_path / "b.pt"), folder, "b", "sdtune")
+    write_file(_decode(tmp_path / "b.pt"), folder / "b.safetensors", "sdtune")
     return folder, states_a, states_b
 
 

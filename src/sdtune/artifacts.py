@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import os
 import pickle
 import re
 import shutil
+import stat
 import struct
-import tempfile
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
@@ -102,7 +103,7 @@ def _fsync(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
-def _refuse_special(path: Path) -> None:
+def refuse_special(path: Path) -> None:
     """Refuse a target that exists but is no regular file (a device such as /dev/full, a pipe, a folder, a
     dangling link): the rename that ends an atomic write would replace it, e.g. a device node, as root."""
     if os.path.lexists(path) and not path.is_file():
@@ -117,6 +118,30 @@ def _fsync_tree(folder: Path) -> None:
     _fsync(folder, directory=True)
 
 
+def temp_sibling(path: Path, folder: bool = False) -> Path:
+    """A new hidden sibling of `path` to fill before a rename: `.NAME.<random>.tmp` plus NAME's suffix (image
+    writers pick the format from it). Created with the umask's mode (mkstemp's 0600 would leave artifacts
+    unreadable to the group where the user's other files are not)."""
+    suffix = "" if folder else path.suffix
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
+        try:
+            if folder:
+                os.mkdir(tmp, 0o777)
+            else:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise SdtuneError(f"Could not create a temporary file beside {path}; clear hidden .tmp files there.")
+
+
+def stale_temps(path: Path) -> list[Path]:
+    """Hidden leftovers of writes of `path` that a killed process never renamed or removed."""
+    return [p for pattern in (f".{glob.escape(path.name)}.*.tmp*", f".{glob.escape(path.name)}.*.old")
+            for p in path.parent.glob(pattern)]
+
+
 def save_artifact(
     path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> Path:
@@ -125,28 +150,13 @@ def save_artifact(
     path = Path(path)
     if path.suffix != SAFETENSORS_SUFFIX:
         raise SdtuneError(f"Artifact path {path} must end in {SAFETENSORS_SUFFIX}; rename the output.")
-    _refuse_special(path)
     meta, prepared = _check_metadata(metadata), _prepare(tensors)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-    except OSError as exc:
-        raise _write_error(path, exc) from exc
-    tmp = Path(tmp_name)
-    try:
+
+    def write(tmp: Path) -> None:
         st.save_file(prepared, tmp, metadata=meta)
         _sort_metadata_in_place(tmp)
-        _fsync(tmp)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(exc, (OSError, SafetensorError)):
-            raise _write_error(path, exc) from exc
-        raise
-    _fsync(path.parent, directory=True)
-    return path
+
+    return atomic_write_via(path, write)
 
 
 def _sort_metadata_in_place(path: Path) -> None:
@@ -176,7 +186,7 @@ def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise SdtuneError(f"Could not write {path}: a file is already there; choose a folder name.")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        tmp = temp_sibling(path, folder=True)
     except OSError as exc:
         raise _write_error(path, exc) from exc
     try:
@@ -205,19 +215,40 @@ def atomic_write_via(path: str | os.PathLike, write: Callable[[Path], Any]) -> P
     """Run `write(tmp)` on a temp sibling that keeps the suffix (image writers pick the format from it),
     then rename it into place; on failure nothing appears at `path`."""
     path = Path(path)
-    _refuse_special(path)
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+    return atomic_write_many([(path, write)])[0]
+
+
+def atomic_write_many(writes: list[tuple[Path, Callable[[Path], Any]]]) -> list[Path]:
+    """Write several files as one: every target is checked, then every file goes to a temp sibling, and only
+    when all are complete are they renamed into place. A failure before the renames leaves every target as
+    it was (absent, or the old file)."""
+    targets = [Path(path) for path, _ in writes]
+    for path in targets:
+        refuse_special(path)
+    temps: list[Path] = []
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        _fsync(tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise _write_error(path, exc) from exc
+        for path, (_, write) in zip(targets, writes):
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                temps.append(temp_sibling(path))
+                mode = stat.S_IMODE(temps[-1].stat().st_mode)  # the umask's, before a writer replaces the file
+                write(temps[-1])
+                os.chmod(temps[-1], mode)
+                _fsync(temps[-1])
+            except (OSError, SafetensorError) as exc:
+                raise _write_error(path, exc) from exc
+        for path, tmp in zip(targets, temps):
+            try:
+                os.replace(tmp, path)
+            except OSError as exc:
+                raise _write_error(path, exc) from exc
+        for folder in {path.parent for path in targets}:
+            _fsync(folder, directory=True)
     finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+        for tmp in temps:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+    return targets
 
 
 def _check_readable(path: Path) -> None:

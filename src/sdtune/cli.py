@@ -216,7 +216,7 @@ def default_name(token: str) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from . import methods
+    from . import methods, outputs
     from .model import load
     from .train import train
 
@@ -226,29 +226,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     train_cfg = build(TrainConfig, _section(args, TrainConfig, file_values.get("train", {})), "train")
     method_cfg = build(method_cls.config_class,
                        _section(args, method_cls.config_class, file_values.get(args.method, {})), args.method)
-    output = _writable_folder(args.output)
+    method, name = method_cls(method_cfg), args.name or default_name(data_cfg.token)
+    outputs.plan(args.output, name, method.output_files(name, None), train_cfg.log_dir)  # before the model loads
     from .data import load_image_folder
 
     load_image_folder(data_cfg.images) if data_cfg.images else None  # fail on bad images before loading a model
     model = load(args.model, config=args.model_config)
-    result = train(model, method_cls(method_cfg), method_cfg, train_cfg, data_cfg, output,
-                   args.name or default_name(data_cfg.token), progress=not args.quiet)
+    result = train(model, method, method_cfg, train_cfg, data_cfg, Path(args.output), name, progress=not args.quiet)
     for path in result.paths:
         print(path)
     return 0
 
 
 def _writable_folder(path: str) -> Path:
+    """`path` when a folder can be made there; made by the command only when it writes (a failed command
+    leaves no empty folder behind)."""
+    from .outputs import check_folder_path
+
     folder = Path(path)
-    for parent in [folder, *folder.parents]:
-        if parent.exists():
-            if not parent.is_dir():
-                raise SdtuneError(f"Output folder {folder} cannot be created: {parent} is a file.")
-            break
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SdtuneError(f"Output folder {folder} cannot be created: {exc.strerror}.") from exc
+    check_folder_path(folder, "Output folder")
     return folder
 
 
@@ -258,7 +254,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.count < 1 or args.steps < 1 or args.clip_skip < 1:
         raise SdtuneError("--count, --steps and --clip-skip must be at least 1.")
-    _writable_folder(str(check_image_path(args.output).parent))
+    _writable_folder(str(check_image_path(args.output, args.count).parent))
     model = load(args.model, config=args.model_config)
     options = GenerateOptions(negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
                               seed=args.seed, count=args.count, scheduler=args.scheduler, width=args.width,

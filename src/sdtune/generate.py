@@ -134,33 +134,34 @@ def generate(model, prompt: str, options: GenerateOptions) -> list:
     return result.images
 
 
-def check_image_path(path: str | Path) -> Path:
-    """Refuse, before any work, an output path whose extension names no image format PIL writes."""
+def check_image_path(path: str | Path, count: int = 1) -> Path:
+    """Refuse, before any work, an output path whose extension names no image format PIL writes, or whose
+    images (PATH, and PATH-0 ... with several) would land on a folder, a device or a pipe."""
     from PIL import Image
+
+    from .artifacts import refuse_special
 
     path = Path(path)
     if path.suffix.lower() not in Image.registered_extensions():
         raise SdtuneError(f"--output {path} does not end in an image extension; name it e.g. {path.stem or 'out'}.png.")
+    for target in image_paths(path, count):
+        refuse_special(target)
     return path
 
 
-def save_images(images: list, path: str | Path) -> list[Path]:
-    """One image at PATH; several at PATH's stem + -0, -1, ... and a grid of them at PATH."""
-    from .artifacts import atomic_write_via
-
+def image_paths(path: str | Path, count: int) -> list[Path]:
+    """Where `count` images go: PATH alone, or a grid at PATH and the images at PATH's stem + -0, -1, ..."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    written = []
-    if len(images) > 1:
-        for i, image in enumerate(images):
-            target = path.with_name(f"{path.stem}-{i}{path.suffix}")
-            atomic_write_via(target, image.save)
-            written.append(target)
-        grid = image_grid(images)
-        atomic_write_via(path, grid.save)
-    else:
-        atomic_write_via(path, images[0].save)
-    return [path] + written
+    return [path] + ([path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)] if count > 1 else [])
+
+
+def save_images(images: list, path: str | Path) -> list[Path]:
+    """One image at PATH; several at PATH's stem + -0, -1, ... and a grid of them at PATH, all or none."""
+    from .artifacts import atomic_write_many
+
+    targets = image_paths(path, len(images))
+    pictures = [image_grid(images), *images] if len(images) > 1 else images
+    return atomic_write_many([(target, picture.save) for target, picture in zip(targets, pictures)])
 
 
 def image_grid(images: list, columns: int | None = None):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import sys
 from collections.abc import Iterator
@@ -22,6 +23,12 @@ def resolve_device(choice: str) -> str:
     if choice == "mps" and not has_mps:
         raise SdtuneError("--device mps was asked for but no Apple MPS device is available.")
     return choice
+
+
+def is_main_process() -> bool:
+    """Whether this is the first process of a run (torchrun and accelerate launch set RANK), known before the
+    Accelerator is built: only it checks and locks the output folder."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def make_accelerator(cfg):

@@ -24,10 +24,10 @@ from .config import DataConfig, TrainConfig, to_json
 from .conditioning import Conditioning
 from .errors import SdtuneError
 from .loss import combine, draw_noise, min_snr_weights, per_sample_mse, training_target
-from .runtime import make_accelerator, peak_memory_bytes, sum_gradients_across_processes
+from .runtime import is_main_process, make_accelerator, peak_memory_bytes, sum_gradients_across_processes
 from .trainset import TrainingSet, build_training_set
 from .unet_runner import UNetRunner
-from . import checkpoints, class_images, faults, speed
+from . import checkpoints, class_images, faults, outputs, speed
 
 
 @dataclass
@@ -51,9 +51,16 @@ def train(model, method, method_cfg, train_cfg: TrainConfig, data_cfg: DataConfi
     `on_step(step, loss)` runs after each step (e.g. a UI's progress; `loss` is the newest one read on the
     host, see TrainConfig.sync_every); when it returns True the run stops with a checkpoint of that step
     saved, and an SdtuneError says how to resume it. Running out of device memory becomes an SdtuneError
-    naming the settings that save memory, for every caller (CLI, UI, compare)."""
-    with faults.memory_advice(out_dir):
-        return _train(model, method, method_cfg, train_cfg, data_cfg, Path(out_dir), name, fmt, progress, on_step)
+    naming the settings that save memory, for every caller (CLI, UI, compare).
+
+    Every path the run writes is checked before any work (outputs.py): a name that would leave `out_dir`, or a
+    target sdtune did not make, is refused; the folder is locked for the run."""
+    targets = outputs.plan(out_dir, name, method.output_files(name, fmt), train_cfg.log_dir)
+    with outputs.claim(targets, main_process=is_main_process()), faults.memory_advice(out_dir):
+        result = _train(model, method, method_cfg, train_cfg, data_cfg, Path(out_dir), name, fmt, progress, on_step)
+        if result.paths:
+            outputs.record(targets)
+        return result
 
 
 def _train(model, method, method_cfg, train_cfg: TrainConfig, data_cfg: DataConfig, out_dir: Path, name: str,

@@ -42,8 +42,12 @@ class Method(Protocol):
     def apply(self, model, state: dict[str, torch.Tensor], weight: float = 1.0, name: str = "") -> None:
         """Inference: inject the learned state into `model`, scaled by `weight`."""
 
+    def output_files(self, name: str, fmt: str | None) -> list[str]:
+        """The paths `save` writes, relative to the output folder (a trailing '/' marks a folder): checked
+        before training starts, so nothing that sdtune did not make is replaced."""
+
     def save(self, model, out_dir: Path, name: str, card: dict[str, str], fmt: str | None) -> list[Path]:
-        """Write the artifact(s) atomically; return the paths written."""
+        """Write the artifact(s) atomically at `output_files(name, fmt)`; return the paths written."""
 
     # Optional capabilities the loop and tools use when a method has them (checked with hasattr):
     #   check_data(model, data_cfg)        validate/warn about the data before setup (e.g. a common token)

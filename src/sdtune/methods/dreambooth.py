@@ -115,9 +115,14 @@ class DreamBooth:
         from ..formats.checkpoint import save_checkpoint
 
         dtype = SAVE_DTYPES[self.cfg.save_dtype]
-        folder = save_pipeline_folder(model, Path(out_dir) / name, card, dtype)
-        single = save_checkpoint(model, Path(out_dir) / f"{name}.safetensors", card, dtype)
+        folder_name, single_name = self.output_files(name, fmt)
+        folder = save_pipeline_folder(model, Path(out_dir) / folder_name.rstrip("/"), card, dtype)
+        single = save_checkpoint(model, Path(out_dir) / single_name, card, dtype)
         return [folder, single]
+
+    def output_files(self, name: str, fmt: str | None = None) -> list[str]:
+        """What `save` writes into the output folder: the pipeline folder (trailing /) and the single file."""
+        return [f"{name}/", f"{name}.safetensors"]
 
     def planned_files(self, model, name: str) -> dict[str, dict[str, torch.Tensor]]:
         """The tensors `save` writes, by file, in the save dtype, without writing them: works on a meta-device

@@ -21,6 +21,7 @@ from ..formats.hypernetwork import WEIGHT_INITS, HypernetworkFile, Structure
 
 TRAIN_NAME = "__train__"
 FORMATS = ("sdtune", "a1111")
+FILE_SUFFIX = {"sdtune": ".safetensors", "a1111": ".pt"}  # format -> the file it is written as
 
 
 @dataclass
@@ -151,10 +152,14 @@ class Hypernetwork:
         }
         return HypernetworkFile(tensors, entries, card)
 
+    def output_files(self, name: str, fmt: str | None = None) -> list[str]:
+        """What `save` writes into the output folder."""
+        return [f"{name}{FILE_SUFFIX[fmt or self.cfg.format]}"]
+
     def save(self, model, out_dir: Path, name: str, card: dict[str, str], fmt: str | None = None) -> list[Path]:
         """Write NAME.safetensors (sdtune form) or NAME.pt (A1111 layout), atomically."""
         hf = self._file(self._trained(model), card, name)
-        return [write_file(hf, Path(out_dir), name, fmt or self.cfg.format)]
+        return [write_file(hf, Path(out_dir) / self.output_files(name, fmt)[0], fmt or self.cfg.format)]
 
     # Inference ----------------------------------------------------------------------------------------------
     def decode_file(self, model, tensors, metadata: dict[str, str], path: Path) -> HypernetworkFile:
@@ -185,10 +190,10 @@ class Hypernetwork:
         if to not in FORMATS:
             raise SdtuneError(f"A hypernetwork converts to {' or '.join(FORMATS)}, not {to}.")
         hf = fmt_hn.read(obj, metadata, src.name)
-        want = ".pt" if to == "a1111" else ".safetensors"
+        want = FILE_SUFFIX[to]
         if dst.suffix.lower() != want:
             raise SdtuneError(f"The {to} form is written as a {want} file; name the output {dst.stem}{want}.")
-        return write_file(hf, dst.parent, dst.stem, to)
+        return write_file(hf, dst, to)
 
 
 def _cpu_state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -205,12 +210,12 @@ def _entries(cfg: HypernetworkConfig) -> dict[str, Any]:
             "dropout_structure": list(s.dropout_structure)}
 
 
-def write_file(hf: HypernetworkFile, out_dir: Path, name: str, fmt: str) -> Path:
-    """Write `hf` as out_dir/name.safetensors (sdtune) or out_dir/name.pt (a1111), atomically."""
+def write_file(hf: HypernetworkFile, path: Path, fmt: str) -> Path:
+    """Write `hf` at `path` as the sdtune form (.safetensors) or the A1111 layout (.pt), atomically."""
     from ..artifacts import atomic_write_via, save_artifact
 
     if fmt == "a1111":
         data = fmt_hn.a1111_bytes(hf)
-        return atomic_write_via(out_dir / f"{name}.pt", lambda tmp: tmp.write_bytes(data))
+        return atomic_write_via(path, lambda tmp: tmp.write_bytes(data))
     tensors, header = fmt_hn.to_safetensors(hf)
-    return save_artifact(out_dir / f"{name}.safetensors", tensors, header)
+    return save_artifact(path, tensors, header)

@@ -168,11 +168,15 @@ class LoRA:
             set_peft_model_state_dict(module, tensors, adapter_name=adapter)
             _activate(module, adapter, weight)
 
+    def output_files(self, name: str, fmt: str | None = None) -> list[str]:
+        """What `save` writes into the output folder (every layout is one .safetensors file)."""
+        return [f"{name}.safetensors"]
+
     def save(self, model, out_dir: Path, name: str, card: dict[str, str], fmt: str | None = None) -> list[Path]:
         from ..artifacts import save_artifact
 
         tensors, extra = encode_state(self.state_dict(model), fmt or self.cfg.format, model)
-        path = Path(out_dir) / f"{name}.safetensors"
+        path = Path(out_dir) / self.output_files(name, fmt)[0]
         save_artifact(path, tensors, {**card, **extra})
         return [path]
 

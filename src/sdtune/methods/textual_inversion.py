@@ -226,10 +226,13 @@ class TextualInversion:
         return {"token": self.token, "vectors": str(self.cfg.vectors), "init_word": self.cfg.init_word,
                 "property": self.cfg.learnable_property, "caption": self.cfg.caption}
 
+    def output_files(self, name: str, fmt: str | None = None) -> list[str]:
+        """What `save` writes into the output folder."""
+        return [f"{name}{SUFFIX.get(fmt or self.cfg.format, '.safetensors')}"]
+
     def save(self, model, out_dir: Path, name: str, card: dict[str, str], fmt: str | None = None) -> list[Path]:
-        layout = fmt or self.cfg.format
         emb = Embedding(self.token, self.state_dict(model), dict(card))
-        return [write_embedding(Path(out_dir) / f"{name}{SUFFIX.get(layout, '.safetensors')}", emb, layout)]
+        return [write_embedding(Path(out_dir) / self.output_files(name, fmt)[0], emb, fmt or self.cfg.format)]
 
     # Inference ----------------------------------------------------------------------------------------------
     def apply(self, model, state: dict[str, torch.Tensor], weight: float = 1.0, name: str = "") -> None:

@@ -14,6 +14,18 @@ from ..errors import SdtuneError
 log = logging.getLogger(__name__)
 
 
+def copy_into(source: Path, folder: Path) -> Path:
+    """Copy an uploaded file into a workspace folder under its own (checked) name, atomically: a link already
+    at that name is replaced, never written through."""
+    import shutil
+
+    from ..artifacts import atomic_write_via
+    from ..outputs import check_name
+
+    target = Path(folder) / check_name(source.name, "Uploaded file")
+    return atomic_write_via(target, lambda tmp: shutil.copyfile(source, tmp))
+
+
 def unexpected(action: str, exc: BaseException) -> str:
     """One line for the page about an error that is not a user error; the traceback goes to the server log."""
     log.error("%s failed", action, exc_info=exc)

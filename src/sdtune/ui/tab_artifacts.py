@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from ..errors import SdtuneError
 from .app import UIState, notice
 from .library import classify, scan
-from .state import unexpected
+from .state import copy_into, unexpected
 
 TARGETS = ("sdtune", "diffusers", "kohya", "a1111")
 HEADERS = ["name", "kind", "layout", "file"]
@@ -103,8 +102,9 @@ def _add_files(state: UIState, files) -> str:
     if not files:
         return ""
     names = []
-    for item in files:
-        source = Path(getattr(item, "name", item))
-        shutil.copyfile(source, state.workspace.uploads / source.name)
-        names.append(source.name)
+    try:
+        for item in files:
+            names.append(copy_into(Path(getattr(item, "name", item)), state.workspace.uploads).name)
+    except SdtuneError as exc:
+        return notice(str(exc), error=True)
     return notice(f"Added {', '.join(names)} to {state.workspace.uploads}.")

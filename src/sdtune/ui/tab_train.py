@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import html
-import shutil
 import time
 import uuid
 from pathlib import Path
 
 from ..errors import SdtuneError
 from .app import UIState, notice
+from .state import copy_into
 from .training import TrainRequest, TrainStatus
 
 POLL_SECONDS = 0.5
@@ -151,9 +151,11 @@ def _save_upload(state: UIState, files) -> tuple:
         return gr.skip(), ""
     target = state.workspace.images / f"upload-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     target.mkdir(parents=True)
-    for item in files:
-        source = Path(getattr(item, "name", item))
-        shutil.copyfile(source, target / source.name)
+    try:
+        for item in files:
+            copy_into(Path(getattr(item, "name", item)), target)
+    except SdtuneError as exc:
+        return gr.skip(), notice(str(exc), error=True)
     return (gr.Dropdown(choices=state.workspace.image_folders(), value=str(target)),
             notice(f"Uploaded {len(files)} images to {target}."))
 

@@ -103,6 +103,7 @@ class TrainingRunner:
 
     def start(self, request: TrainRequest) -> TrainJob:
         """Check the settings, then train on a worker thread; raises SdtuneError when they are wrong."""
+        from .. import outputs
         from ..cli import default_name
 
         with self._lock:
@@ -110,8 +111,11 @@ class TrainingRunner:
                 raise SdtuneError(f"A training ({self._job.name}) is already running; wait for it to finish "
                                   "or cancel it before starting another.")
             configs = build_configs(request)
-            request.name = request.name.strip() or default_name(configs[2].token)
+            request.name = outputs.check_name(request.name.strip() or default_name(configs[2].token), "Name")
             out_dir = self.runs_dir / request.name
+            method_cls, method_cfg, _, train_cfg = configs
+            outputs.plan(out_dir, request.name, method_cls(method_cfg).output_files(request.name, None),
+                         train_cfg.log_dir)  # refused on the page, before the worker starts
             job = TrainJob(request.name, out_dir, configs[3].steps)
             job.thread = threading.Thread(target=self._run, args=(job, configs), name="sdtune-train", daemon=True)
             self._job = job
@@ -143,7 +147,6 @@ class TrainingRunner:
         method_cls, method_cfg, data_cfg, train_cfg = configs
         try:
             model = self.models.fresh()
-            job.out_dir.mkdir(parents=True, exist_ok=True)
             result = train(model, method_cls(method_cfg), method_cfg, train_cfg, data_cfg, job.out_dir, job.name,
                            progress=False, on_step=job.on_step)
             written = ", ".join(p.name for p in result.paths)
