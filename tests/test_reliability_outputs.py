@@ -204,3 +204,14 @@ def test_the_ui_refuses_names_that_leave_its_workspace_and_replaces_links_instea
     assert outside.read_bytes() == b"not yours"
     assert not (uploads / "evil.safetensors").is_symlink()
     assert (uploads / "evil.safetensors").read_bytes() == b"uploaded"
+
+
+def test_bench_output_at_a_file_is_refused_before_any_model_is_built(tmp_path, capsys, monkeypatch):
+    from sdtune import model
+
+    target = tmp_path / "results.txt"
+    target.write_text("mine")
+    monkeypatch.setattr(model, "load", lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    _refused(capsys, ["bench", "--model", "tiny:sd1", "--steps", "1", "--warmup", "1", "--output", str(target)],
+             str(target), "is a file")
+    assert target.read_text() == "mine"

@@ -68,6 +68,10 @@ class BenchSpec:
             raise SdtuneError(f"--compile '{unknown[0]}' is not one of {', '.join(COMPILE_MODES)}.")
         if self.steps < 1 or self.warmup < 1 or self.batch_size < 1:
             raise SdtuneError("--steps, --warmup and --batch-size must be at least 1.")
+        if self.output:
+            from .outputs import check_folder_path
+
+            check_folder_path(Path(self.output), "--output")  # before any model is built
 
 
 class StepClock:
