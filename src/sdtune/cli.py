@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from . import __version__
 from .config import DataConfig, TrainConfig, build, load_config_file
 from .errors import SdtuneError
 
@@ -60,6 +61,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sdtune", description="Personalise Stable Diffusion models: "
                                      "DreamBooth, Textual Inversion, LoRA and Hypernetworks.")
+    parser.add_argument("--version", action="version", version=f"sdtune {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     train = sub.add_parser("train", help="train a method on a subject")
@@ -187,10 +189,23 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
         kind = type(f.default)
         if kind is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=f.metadata.get("help"))
+                                help=_field_help(f))
         else:
-            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=f.metadata.get("help"),
+            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=_field_help(f),
                                 metavar=f.name.upper())
+
+
+def _field_help(f: dataclasses.Field) -> str:
+    """A setting's help with its allowed values and default (the parser's own default is None, so that only
+    flags actually given override a config file)."""
+    choices = f.metadata.get("choices")
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    shown = "off" if default is False else "on" if default is True else "''" if default == "" else default
+    parts = [f.metadata.get("help") or ""]
+    if choices:
+        parts.append(f"one of: {', '.join(map(str, choices))}")
+    parts.append(f"default: {shown}")
+    return "; ".join(p for p in parts if p).replace("%", "%%")
 
 
 def _method_config_class(method: str):
