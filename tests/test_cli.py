@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from sdtune.cli import main
 
@@ -127,3 +128,18 @@ def test_generate_many_writes_each_image_and_a_grid(tmp_path, tiny_pipeline_dirs
     assert Image.open(out).size == (64, 64)  # 2x2 grid of 32 px images
     first = Image.open(singles[0])
     assert first.size == (32, 32)
+
+
+def test_convert_without_model_uses_the_base_model_its_run_card_names(tmp_path, subject_dir):
+    # tiny:sd1's widths are no family's standard ones: by family alone the layer names would not resolve.
+    out = tmp_path / "out"
+    assert main(["train", "lora", "--model", "tiny:sd1", "--images", str(subject_dir), "--token", "sks",
+                 "--steps", "1", "--quiet", "--log-dir", "none", "--output", str(out)]) == 0
+    converted = tmp_path / "sks-diffusers.safetensors"
+    assert main(["convert", str(out / "sks.safetensors"), str(converted), "--to", "diffusers"]) == 0
+    back = tmp_path / "sks-kohya.safetensors"
+    assert main(["convert", str(converted), str(back), "--to", "kohya"]) == 0
+    from safetensors.torch import load_file
+
+    original, returned = load_file(out / "sks.safetensors"), load_file(back)
+    assert original.keys() == returned.keys() and all(torch.equal(original[k], returned[k]) for k in original)

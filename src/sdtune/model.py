@@ -137,6 +137,17 @@ def load(spec: str, dtype: torch.dtype | None = None, config: str | None = None)
     raise SdtuneError(f"Unknown model '{spec}': {SPEC_HELP}.")
 
 
+def base_model_from_card(metadata: dict[str, str]) -> str | None:
+    """The base model an artifact's run card names, where it loads here without a download and without
+    full-size memory: the builtin model, a tiny:* architecture, or a local folder or file that exists."""
+    spec = metadata.get("base_model") or ""
+    if spec == "builtin" or spec.startswith("tiny:"):
+        return spec
+    if spec and not spec.startswith("random:") and Path(spec).expanduser().exists():
+        return spec
+    return None
+
+
 def _looks_like_hub_id(spec: str) -> bool:
     parts = spec.split("/")
     return len(parts) == 2 and all(parts) and not Path(parts[0]).exists() and " " not in spec

@@ -217,10 +217,11 @@ class LoRA:
         """Re-encode a LoRA file in another layout; the run card and other header fields travel along."""
         from ..artifacts import save_artifact
         from ..formats.lora import LORA_ADAPTER_METADATA_KEY, lora_family_hints
-        from ..model import architecture, load
+        from ..model import architecture, base_model_from_card, load
 
         if to not in LAYOUTS:
             raise SdtuneError(f"A LoRA converts to {', '.join(LAYOUTS)}, not {to}.")
+        model_spec = model_spec or base_model_from_card(metadata)  # e.g. builtin: widths no family has
         model = load(model_spec) if model_spec else architecture(lora_family_hints(obj, metadata)["family"])
         state = cls().decode_file(model, obj, metadata, src)
         tensors, extra = encode_state(state, to, model)
