@@ -14,6 +14,7 @@ from .config import DataConfig, TrainConfig, build, load_config_file
 from .errors import SdtuneError
 
 METHOD_NAMES = ("lora", "textual-inversion", "dreambooth", "hypernetwork")
+MAX_STEPS_VARIABLE = "SDTUNE_MAX_STEPS"
 WINDOWS_ILLEGAL = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
 
 
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a method on a subject")
     train_methods = train.add_subparsers(title="methods", metavar="METHOD")
     for method in METHOD_NAMES:
-        p = train_methods.add_parser(method, help=f"train {method}")
+        p = train_methods.add_parser(method, help=f"train {method}", epilog=_builtin_defaults_text(method))
         _add_model_args(p)
         p.add_argument("--output", required=True, help="folder for the artifact, checkpoints and logs")
         p.add_argument("--name", help="artifact name (default: the token, made file-name safe)")
@@ -165,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "report.html (default: out/compare)")
     cmp.set_defaults(handler=cmd_compare)
 
+    subj = sub.add_parser("subject", help="write the builtin subject's images with captions, to train on")
+    subj.add_argument("folder", help="folder to write into (created; may not hold other files)")
+    subj.set_defaults(handler=cmd_subject)
+
     ui = sub.add_parser("ui", help="local web UI to train, generate, compare and convert (needs sdtune[ui])")
     _add_model_args(ui)
     ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
@@ -208,6 +213,14 @@ def _field_help(f: dataclasses.Field) -> str:
     return "; ".join(p for p in parts if p).replace("%", "%%")
 
 
+def _builtin_defaults_text(method: str) -> str:
+    from .compare.recipes import describe_defaults, training_defaults
+
+    return (f"With --model builtin (the default) the defaults are the builtin model's recipe, the one `sdtune "
+            f"compare` measured: {describe_defaults(training_defaults('builtin', method))}. "
+            "The defaults shown above are for real Stable Diffusion models.").replace("%", "%%")
+
+
 def _method_config_class(method: str):
     from .methods import registry
 
@@ -230,15 +243,32 @@ def default_name(token: str) -> str:
     return name or "artifact"
 
 
+def _capped(train_cfg: TrainConfig) -> TrainConfig:
+    """The steps capped by SDTUNE_MAX_STEPS when it is set: a quick try of a command (the README's commands
+    are tested that way), the recipe otherwise unchanged."""
+    import os
+
+    cap = os.environ.get(MAX_STEPS_VARIABLE, "")
+    if not cap:
+        return train_cfg
+    if not cap.isdigit() or int(cap) < 1:
+        raise SdtuneError(f"{MAX_STEPS_VARIABLE}={cap!r} must be a whole number of steps, at least 1.")
+    return dataclasses.replace(train_cfg, steps=min(train_cfg.steps, int(cap)))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from . import methods, outputs
     from .model import load
     from .train import train
 
+    from .compare.recipes import merge, training_defaults
+
     method_cls = methods.get(args.method)
-    file_values = load_config_file(args.config) if args.config else {}
+    # The model's recipe, then the config file, then the flags (each overrides the one before).
+    file_values = merge(training_defaults(args.model, args.method),
+                        load_config_file(args.config) if args.config else {})
     data_cfg = build(DataConfig, _section(args, DataConfig, file_values.get("data", {})), "data")
-    train_cfg = build(TrainConfig, _section(args, TrainConfig, file_values.get("train", {})), "train")
+    train_cfg = _capped(build(TrainConfig, _section(args, TrainConfig, file_values.get("train", {})), "train"))
     method_cfg = build(method_cls.config_class,
                        _section(args, method_cls.config_class, file_values.get(args.method, {})), args.method)
     method, name = method_cls(method_cfg), args.name or default_name(data_cfg.token)
@@ -250,6 +280,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(model, method, method_cfg, train_cfg, data_cfg, Path(args.output), name, progress=not args.quiet)
     for path in result.paths:
         print(path)
+    print(f"generate with: sdtune generate {method.usage(args.model, Path(args.output), name, data_cfg.token)}")
     return 0
 
 
@@ -309,6 +340,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
                              args.token, args.class_word, args.methods, args.seeds, args.config, args.clip_model,
                              args.dino_model, args.fresh, not args.quiet)
     print(run_compare(options))
+    return 0
+
+
+def cmd_subject(args: argparse.Namespace) -> int:
+    from .toyworld.subject import CLASS_WORD, INSTANCE_PROMPT, write_subject_folder
+
+    folder = Path(args.folder)
+    paths = write_subject_folder(folder)
+    print(f"Wrote {len(paths)} images of the builtin subject ('{INSTANCE_PROMPT}') with captions to {folder}; "
+          f"train on them with: sdtune train lora --images {folder} --class-word {CLASS_WORD} --output out/")
     return 0
 
 

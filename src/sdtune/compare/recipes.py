@@ -16,6 +16,9 @@ from ..config import DataConfig, TrainConfig, build, load_config_file
 from ..errors import SdtuneError
 
 RECIPES = Path(__file__).with_name("recipes.yaml")
+# The profile's shared data settings that also suit one `sdtune train` run (class images for prior preservation
+# and captions); the others describe the comparison.
+DATA_DEFAULT_KEYS = ("use_captions", "num_class_images", "class_image_steps")
 BASE_ROW = "base"
 EVAL_KEYS = ("sample_steps", "guidance", "images_per_prompt", "curve_images_per_prompt", "curve_points",
              "prompts", "class_prompts")
@@ -87,6 +90,26 @@ def load_plan(profile: str, token: str, class_word: str, methods: str = "all", c
     for name, spec in _selected(recipe.get("rows", {}), methods).items():
         rows.append(_row(name, spec, shared, token, class_word))
     return Plan(profile, token, class_word, evaluation, rows)
+
+
+def training_defaults(model: str, method: str) -> dict:
+    """`sdtune train METHOD`'s defaults on `model`, in config-file shape ({"data": ..., "train": ..., METHOD:
+    ...}): on the builtin model its profile's row for the method (the recipe the comparison measured; the
+    library's defaults are for real models and learn nothing on it), elsewhere nothing."""
+    if model != "builtin":
+        return {}
+    profile = yaml.safe_load(RECIPES.read_text(encoding="utf-8"))["builtin"]
+    row = profile.get("rows", {}).get(method) or {}
+    out = {"data": {k: v for k, v in profile.get("data", {}).items() if k in DATA_DEFAULT_KEYS},
+           "train": dict(row.get("train", {})), method: dict(row.get(method, {}))}
+    if "token" in row:
+        out["data"]["token"] = row["token"].replace("{token}", DataConfig().token)
+    return out
+
+
+def describe_defaults(defaults: dict) -> str:
+    """The defaults as `--help` states them: 'steps 400, lr 0.005, ...'."""
+    return ", ".join(f"{key} {value}" for section in defaults.values() for key, value in section.items())
 
 
 def merge(base: dict, override: dict) -> dict:

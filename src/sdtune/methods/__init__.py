@@ -39,6 +39,10 @@ class Method(Protocol):
     def metadata(self) -> dict[str, str]:
         """Method facts for the run card: rank, alpha, tokens, layer structure..."""
 
+    def usage(self, model: str, out_dir: Path, name: str, token: str) -> str:
+        """How to generate with what `save` wrote on base `model`: `sdtune generate` arguments (printed after
+        training)."""
+
     def apply(self, model, state: dict[str, torch.Tensor], weight: float = 1.0, name: str = "") -> None:
         """Inference: inject the learned state into `model`, scaled by `weight`."""
 

@@ -120,6 +120,9 @@ class DreamBooth:
         single = save_checkpoint(model, Path(out_dir) / single_name, card, dtype)
         return [folder, single]
 
+    def usage(self, model: str, out_dir: Path, name: str, token: str) -> str:
+        return f'--model {Path(out_dir) / name} --prompt "a {token} ..."'
+
     def output_files(self, name: str, fmt: str | None = None) -> list[str]:
         """What `save` writes into the output folder: the pipeline folder (trailing /) and the single file."""
         return [f"{name}/", f"{name}.safetensors"]

@@ -152,6 +152,9 @@ class Hypernetwork:
         }
         return HypernetworkFile(tensors, entries, card)
 
+    def usage(self, model: str, out_dir: Path, name: str, token: str) -> str:
+        return f'--model {model} --artifacts {out_dir} --prompt "... <hypernet:{name}:1>"'
+
     def output_files(self, name: str, fmt: str | None = None) -> list[str]:
         """What `save` writes into the output folder."""
         return [f"{name}{FILE_SUFFIX[fmt or self.cfg.format]}"]

@@ -168,6 +168,9 @@ class LoRA:
             set_peft_model_state_dict(module, tensors, adapter_name=adapter)
             _activate(module, adapter, weight)
 
+    def usage(self, model: str, out_dir: Path, name: str, token: str) -> str:
+        return f'--model {model} --artifacts {out_dir} --prompt "a {token} ... <lora:{name}:1>"'
+
     def output_files(self, name: str, fmt: str | None = None) -> list[str]:
         """What `save` writes into the output folder (every layout is one .safetensors file)."""
         return [f"{name}.safetensors"]

@@ -226,6 +226,9 @@ class TextualInversion:
         return {"token": self.token, "vectors": str(self.cfg.vectors), "init_word": self.cfg.init_word,
                 "property": self.cfg.learnable_property, "caption": self.cfg.caption}
 
+    def usage(self, model: str, out_dir: Path, name: str, token: str) -> str:
+        return f'--model {model} --artifacts {out_dir} --prompt "a {token} ..."'
+
     def output_files(self, name: str, fmt: str | None = None) -> list[str]:
         """What `save` writes into the output folder."""
         return [f"{name}{SUFFIX.get(fmt or self.cfg.format, '.safetensors')}"]

@@ -61,19 +61,33 @@ def instance_images(size: int = 32, seed: int = 0) -> list:
 
 
 def write_instance_images(folder: str | Path, size: int = 32, seed: int = 0, captions: bool = False) -> list[Path]:
-    """Write the instance images as sks_00.png ... into folder (created); with captions=True also a
-    same-named .txt holding each image's full caption. Returns the image paths."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
+    """Write the instance images as sks_00.png ... into folder (created), all or none; with captions=True also
+    a same-named .txt holding each image's full caption. Returns the image paths."""
+    from sdtune.artifacts import atomic_write_many
+
+    writes = []
     for i, (scene, img) in enumerate(zip(instance_scenes(seed), instance_images(size, seed))):
-        path = folder / f"{TOKEN}_{i:02d}.png"
-        img.save(path)
+        path = Path(folder) / f"{TOKEN}_{i:02d}.png"
+        writes.append((path, img.save))
         if captions:
             text = caption(CLASS_WORD, position=scene.position, background=scene.background, identifier=TOKEN)
-            path.with_suffix(".txt").write_text(text + "\n")
-        paths.append(path)
-    return paths
+            writes.append((path.with_suffix(".txt"), lambda tmp, text=text: tmp.write_text(text + "\n")))
+    return [p for p in atomic_write_many(writes) if p.suffix == ".png"]
+
+
+def write_subject_folder(folder: str | Path) -> list[Path]:
+    """The instance images with captions in `folder`, for `sdtune subject`: refused where the folder holds
+    files of its own (mixed into the subject they would be trained on); rewriting its own files is fine."""
+    from sdtune.errors import SdtuneError
+    from sdtune.outputs import check_folder_path
+
+    folder = Path(folder)
+    check_folder_path(folder, "Subject folder")
+    names = {f"{TOKEN}_{i:02d}{suffix}" for i in range(len(INSTANCE_LAYOUT)) for suffix in (".png", ".txt")}
+    others = sorted(p.name for p in folder.iterdir() if p.name not in names) if folder.is_dir() else []
+    if others:
+        raise SdtuneError(f"{folder} already holds other files ({others[0]}, ...); choose an empty or new folder.")
+    return write_instance_images(folder, captions=True)
 
 
 def subject_renders(n: int, seed: int, backgrounds=None, positions=None, size: int = 32) -> torch.Tensor:
