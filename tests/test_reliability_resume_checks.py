@@ -71,6 +71,54 @@ def current_checkpoint(tmp_path_factory) -> Path:
     return root / "out" / "checkpoints" / "step-000002"
 
 
+# Case 7: non-finite weights --------------------------------------------------------------------------------
+
+def test_an_infinite_weight_decay_is_refused_before_training(tmp_path, subject_dir, capsys):
+    out = tmp_path / "out"
+    assert main(_argv(subject_dir, out, "--weight-decay", "inf")) == 2
+    assert "weight_decay is inf" in _error(capsys)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("speed", [[], ["--adam-impl", "fused", "--sync-every", "4"]], ids=["default", "fused"])
+@pytest.mark.parametrize("steps,every", [(1, 0), (3, 1)], ids=["artifact", "checkpoint"])
+def test_non_finite_weights_are_never_written(tmp_path, subject_dir, steps, every, speed):
+    """The loss of step 1 is finite (it is computed before the update), but an infinite weight decay turns the
+    weights into NaN: neither the checkpoint nor the artifact may be written (also with a fused optimizer,
+    whose device-side skip only reacts to a non-finite loss). Called as a library: no config validation."""
+    from sdtune.config import DataConfig, TrainConfig
+    from sdtune.methods.lora import LoRA, LoRAConfig
+    from sdtune.model import load
+
+    cfg = TrainConfig(steps=steps, checkpoint_every=every, weight_decay=float("inf"), log_dir="none",
+                      adam_impl=speed[1] if speed else "auto", sync_every=int(speed[3]) if speed else 0)
+    out = tmp_path / "out"
+    with pytest.raises(SdtuneError) as caught:
+        train_module.train(load("tiny:sd1"), LoRA(), LoRAConfig(rank=1), cfg,
+                           DataConfig(images=str(subject_dir), class_word="dog"), out, "sks", progress=False)
+    message = str(caught.value)
+    for words in ("non-finite", "by step 1", "--weight-decay (now inf)", "--lr (now 0.0001)", "no checkpoint"):
+        assert words in message, (words, message)
+    assert len(message.splitlines()) == 1
+    assert not (out / "sks.safetensors").exists() and list_checkpoints(out) == []
+
+
+def test_the_resume_advice_only_names_a_checkpoint_with_finite_weights(tmp_path, subject_dir, capsys):
+    good, bad = _with_checkpoints(tmp_path / "out", GOLDEN, "step-000002", "step-000003")
+    _poison(bad)
+    advice = str(diverged(4, float("nan"), 1e-4, tmp_path / "out"))
+    assert f"--resume {good} " in advice and "step-000003" not in advice, advice
+
+    _poison(good)
+    advice = str(diverged(4, float("nan"), 1e-4, tmp_path / "out"))
+    assert "--resume" not in advice and "no checkpoint with finite weights" in advice, advice
+
+    before = _snapshot(tmp_path / "out")  # resuming from a NaN checkpoint (older versions saved them): refused
+    assert main(_argv(subject_dir, tmp_path / "out", "--steps", "5", "--resume", "latest")) == 2
+    assert "step-000003 holds non-finite weights" in _error(capsys)
+    assert _snapshot(tmp_path / "out") == before
+
+
 @pytest.mark.parametrize("alpha", ["nan", "inf", "-1"])
 def test_extract_lora_refuses_a_non_finite_or_negative_alpha_before_loading(tmp_path, alpha, capsys):
     out = tmp_path / "lora.safetensors"

@@ -10,15 +10,18 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from .artifacts import atomic_output_dir, load_artifact, save_artifact
 from .errors import SdtuneError
 
 PREFIX = "step-"
 EMA_FILE = "ema.pt"
+WEIGHTS_FILE = "trainable.safetensors"
 
 
 def folder(out_dir: Path) -> Path:
@@ -31,7 +34,7 @@ def save(out_dir: Path, step: int, method, model, optimizer, lr_schedule, losses
     target = folder(out_dir) / f"{PREFIX}{step:06d}"
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output_dir(target) as tmp:
-        save_artifact(tmp / "trainable.safetensors", method.state_dict(model), {"step": str(step)})
+        save_artifact(tmp / WEIGHTS_FILE, method.state_dict(model), {"step": str(step)})
         torch.save({"optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict()},
                    tmp / "optimizer.pt")
         if ema is not None:
@@ -64,13 +67,36 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
                   and (p / "state.json").is_file())
 
 
+def finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether every value is finite (one host read however many tensors)."""
+    checks = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+    return bool(torch.stack(checks).all()) if checks else True
+
+
+def has_finite_weights(checkpoint: Path) -> bool:
+    """Whether the checkpoint's trained values load and are all finite, read one tensor at a time."""
+    try:
+        with safe_open(str(checkpoint / WEIGHTS_FILE), framework="pt", device="cpu") as f:
+            return all(finite([f.get_tensor(key)]) for key in f.keys())
+    except Exception:  # missing or damaged weights: not a checkpoint to point anyone at
+        return False
+
+
+def resumable(out_dir: Path) -> Path | None:
+    """The newest checkpoint whose weights are finite (older sdtune versions could save NaN ones)."""
+    return next((p for p in reversed(list_checkpoints(out_dir)) if has_finite_weights(p)), None)
+
+
 def restore(out_dir: Path, which: str, method, model, optimizer, lr_schedule) -> tuple[int, list[float]]:
     """Load checkpoint `which` ('latest' or a folder) into the set-up method/optimizer; return (step, losses).
     The learning rates are the ones the run is given now (the same, unless lowered after a divergence)."""
     path = _find(out_dir, which)
     if path is None:
         return 0, []  # nothing saved yet: a resumed run simply starts from the beginning
-    tensors, _ = load_artifact(path / "trainable.safetensors")
+    tensors, _ = load_artifact(path / WEIGHTS_FILE)
+    if not finite(tensors.values()):  # older sdtune versions could save NaN weights
+        raise SdtuneError(f"Checkpoint {path} holds non-finite weights (NaN or inf); resume from another "
+                          "checkpoint with --resume FOLDER or start a new --output.")
     method.load_state_dict(model, tensors)
     configured = [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups]
     saved, _ = load_artifact(path / "optimizer.pt")  # tensors and numbers only, so never code

@@ -151,6 +151,7 @@ def _train(model, method, method_cfg, train_cfg: TrainConfig, data_cfg: DataConf
         validate_now = bool(train_cfg.validation_every) and done % train_cfg.validation_every == 0
         if loss_log.due(done) or checkpoint_now or validate_now or done == train_cfg.steps:
             _take_losses(loss_log.pull(), losses, bar, logger, train_cfg, out_dir)  # before anything is written
+            faults.check_weights(params, done, train_cfg.lr, train_cfg.weight_decay, out_dir)  # weights too
         if accelerator.is_main_process and checkpoint_now:
             checkpoints.save(out_dir, done, method, model, optimizer, lr_schedule, losses, train_cfg.keep_checkpoints,
                              ema)
@@ -158,6 +159,7 @@ def _train(model, method, method_cfg, train_cfg: TrainConfig, data_cfg: DataConf
             _validation_image(model, examples, train_cfg, out_dir, done, logger)
         if on_step is not None and on_step(done, loss_log.latest) and done < train_cfg.steps:
             _take_losses(loss_log.pull(), losses, bar, logger, train_cfg, out_dir)
+            faults.check_weights(params, done, train_cfg.lr, train_cfg.weight_decay, out_dir)
             _stop(out_dir, done, method, model, optimizer, lr_schedule, losses, train_cfg, accelerator, logger, ema)
     bar.close()
     for component in parked:
