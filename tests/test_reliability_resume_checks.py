@@ -128,3 +128,88 @@ def test_extract_lora_refuses_a_non_finite_or_negative_alpha_before_loading(tmp_
     assert code == 2
     assert f"--alpha is {float(alpha):g}" in _error(capsys)
     assert not out.exists()
+
+
+# Case 8: resume checks -------------------------------------------------------------------------------------
+
+MISMATCHES = {  # run flags -> words the one-line refusal holds
+    "rank": (["--rank", "2"], "does not fit this run's trained tensors"),
+    "targets": (["--lora-targets", "attn,ff"], "which this run trains"),
+    "text-encoder": (["--train-text-encoder"], "which this run trains"),
+    "loraplus": (["--loraplus-ratio", "16"], "optimizer groups of [64] parameters, this run [32, 32]"),
+    "family": (["--model", "tiny:sd2"], "family sd1, this run's is sd2; resume with the same --model"),
+    "fewer-steps": (["--steps", "1"], "at step 2, past this run's --steps 1; resume with --steps 3 or more"),
+}
+
+
+@pytest.mark.parametrize("case", MISMATCHES, ids=list(MISMATCHES))
+def test_a_checkpoint_that_does_not_fit_the_run_is_refused_in_one_line(tmp_path, subject_dir, current_checkpoint,
+                                                                       case, capsys):
+    flags, words = MISMATCHES[case]
+    out = tmp_path / "out"
+    _with_checkpoints(out, current_checkpoint, "step-000002")
+    before = _snapshot(out)
+    assert main(_argv(subject_dir, out, "--resume", "latest", *flags)) == 2
+    err = _error(capsys)
+    assert words in err and "step-000002" in err, err
+    assert _snapshot(out) == before  # nothing written, nothing replaced
+
+
+def test_another_method_is_named(tmp_path, subject_dir, current_checkpoint, capsys):
+    out = tmp_path / "out"
+    _with_checkpoints(out, current_checkpoint, "step-000002")
+    argv = ["train", "textual-inversion", "--model", "tiny:sd1", "--images", str(subject_dir), "--token", "<t>",
+            "--init-word", "toy", "--steps", "3", "--quiet", "--log-dir", "none", "--output", str(out),
+            "--resume", "latest"]
+    assert main(argv) == 2
+    assert "trained with method lora, this run's is textual-inversion" in _error(capsys)
+
+
+@pytest.mark.parametrize("flags", [["--rank", "2"], ["--loraplus-ratio", "16"], ["--steps", "1"]],
+                         ids=["rank", "loraplus", "fewer-steps"])
+def test_checkpoints_from_before_the_records_are_checked_too(tmp_path, subject_dir, flags, capsys):
+    out = tmp_path / "out"
+    _with_checkpoints(out, GOLDEN, "step-000002")
+    assert main(_argv(subject_dir, out, "--resume", "latest", *flags)) == 2
+    assert "step-000002" in _error(capsys)
+
+
+DAMAGED = {
+    "not-json": ("{step: 2", "not readable JSON"),
+    "not-an-object": ("[2]", "not a JSON object"),
+    "missing-step": ('{"losses": []}', "'step' is None, not a whole number"),
+    "step-text": ('{"step": "2", "losses": []}', "'step' is '2', not a whole number"),
+    "losses-text": ('{"step": 2, "losses": [1.0, "x"]}', "'losses' holds 'x'"),
+    "family-number": ('{"step": 2, "losses": [], "family": 1}', "'family' is 1, not text"),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGED, ids=list(DAMAGED))
+def test_a_damaged_state_json_is_one_line(tmp_path, subject_dir, case, capsys):
+    text, words = DAMAGED[case]
+    out = tmp_path / "out"
+    (checkpoint,) = _with_checkpoints(out, GOLDEN, "step-000002")
+    (checkpoint / "state.json").write_text(text)
+    assert main(_argv(subject_dir, out, "--resume", "latest")) == 2
+    err = _error(capsys)
+    assert "step-000002 has a damaged state.json" in err and words in err, err
+
+
+def test_checkpoints_order_by_step_number_past_a_million(tmp_path, subject_dir):
+    """`latest` is step 1,000,000 (not 999,999, which sorts after it as text), and the pruning after step
+    1,000,001 drops step 999,999, keeping the newest two."""
+    out = tmp_path / "out"
+    _with_checkpoints(out, GOLDEN, "step-999999", "step-1000000")
+    assert [p.name for p in list_checkpoints(out)] == ["step-999999", "step-1000000"]
+    argv = _argv(subject_dir, out, "--steps", "1000002", "--keep-checkpoints", "2", "--resume", "latest")
+    assert main(argv) == 0
+    assert [p.name for p in list_checkpoints(out)] == ["step-1000000", "step-1000001"]
+
+
+def test_a_checkpoint_from_before_the_records_still_resumes(tmp_path, subject_dir):
+    out = tmp_path / "out"
+    _with_checkpoints(out, GOLDEN, "step-000002")
+    assert main(_argv(subject_dir, out, "--resume", "latest", "--keep-checkpoints", "5")) == 0
+    _, card = load_artifact(out / "final.safetensors")
+    assert card["steps"] == "3" and card["lora_rank"] == "1"
+    assert [p.name for p in list_checkpoints(out)] == ["step-000002"]  # only step 3 trained: no new checkpoint
