@@ -73,10 +73,11 @@ def current_checkpoint(tmp_path_factory) -> Path:
 
 # Case 7: non-finite weights --------------------------------------------------------------------------------
 
-def test_an_infinite_weight_decay_is_refused_before_training(tmp_path, subject_dir, capsys):
+@pytest.mark.parametrize("flag,value", [("--weight-decay", "inf"), ("--lr", "nan")])
+def test_a_non_finite_weight_decay_or_lr_is_refused_before_training(tmp_path, subject_dir, flag, value, capsys):
     out = tmp_path / "out"
-    assert main(_argv(subject_dir, out, "--weight-decay", "inf")) == 2
-    assert "weight_decay is inf" in _error(capsys)
+    assert main(_argv(subject_dir, out, flag, value)) == 2
+    assert f"{flag[2:].replace('-', '_')} is {value}; give a finite number" in _error(capsys)
     assert not out.exists()
 
 
