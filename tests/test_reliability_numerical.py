@@ -94,9 +94,12 @@ def test_out_of_memory_advice_reaches_library_callers_too(tmp_path, subject_dir,
 def test_divergence_advice_says_where_a_resume_starts(tmp_path, saved):
     from sdtune.faults import diverged
 
-    if saved:
+    if saved:  # the advice names only a checkpoint whose (finite) weights it could read
+        from safetensors.torch import save_file
+
         (tmp_path / "checkpoints" / "step-000007").mkdir(parents=True)
         (tmp_path / "checkpoints" / "step-000007" / "state.json").write_text("{}")
+        save_file({"w": torch.zeros(2)}, str(tmp_path / "checkpoints" / "step-000007" / "trainable.safetensors"))
     message = str(diverged(9, float("inf"), 1e-4, tmp_path))
     assert "step 9" in message and "loss is inf" in message and "now 0.0001" in message
     assert ("step-000007" in message) == saved and ("--checkpoint-every" in message) != saved

@@ -102,8 +102,8 @@ def validate(config: Any, section: str = "") -> None:
         value = getattr(config, f.name)
         name = f"{section}.{f.name}" if section else f.name
         meta = f.metadata
-        if isinstance(value, float) and math.isnan(value):
-            raise SdtuneError(f"{name} is NaN; give a number{_range_text(meta)}.")
+        if isinstance(value, float) and not math.isfinite(value):  # inf passes an open range, NaN any range
+            raise SdtuneError(f"{name} is {value}; give a finite number{_range_text(meta)}.")
         if meta.get("choices") and value not in meta["choices"]:
             raise SdtuneError(f"{name} is '{value}'; allowed values are {', '.join(map(str, meta['choices']))}.")
         if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -76,11 +76,18 @@ def low_rank(delta: torch.Tensor, rank: int, alpha: float | None = None):
     return (lora_a.contiguous(), lora_b.contiguous(), layer_alpha, float((s[:r] ** 2).sum()), float((s ** 2).sum()))
 
 
+def check_settings(rank: int, alpha: float | None) -> None:
+    """Refuse a rank below 1, or an alpha that is not a finite number >= 0 (0 or None: alpha = rank)."""
+    if rank < 1:
+        raise SdtuneError(f"--rank is {rank}; it must be at least 1.")
+    if alpha is not None and not (math.isfinite(alpha) and alpha >= 0):
+        raise SdtuneError(f"--alpha is {alpha:g}; it must be a finite number above 0, or 0 for alpha = rank.")
+
+
 def extract_lora(base, tuned, rank: int, targets: str = "attn", text_encoder: bool = True,
                  alpha: float | None = None) -> tuple[dict[str, torch.Tensor], ExtractReport]:
     """Canonical LoRA state (`<component>.<path>.lora_A.weight` / `lora_B.weight` / `alpha`) for tuned - base."""
-    if rank < 1:
-        raise SdtuneError(f"--rank is {rank}; it must be at least 1.")
+    check_settings(rank, alpha)
     if base.family != tuned.family:
         raise SdtuneError(f"The tuned model is {tuned.family} but the base is {base.family}; pass its own base.")
     _check_same_architecture(base, tuned)
@@ -127,6 +134,7 @@ def extract_lora_file(base_spec: str, tuned_spec: str, rank: int, output: str | 
     from .artifacts import run_card, save_artifact
     from .model import load
 
+    check_settings(rank, alpha)  # before two models are loaded
     output = Path(output)
     base, tuned = load(base_spec, config=model_config), load(tuned_spec, config=model_config)
     state, report = extract_lora(base, tuned, rank, targets, text_encoder, alpha)

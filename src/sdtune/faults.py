@@ -1,13 +1,13 @@
-"""What a run says when training itself fails: a diverged loss or a device out of memory.
+"""What a run says when training itself fails: a diverged loss, non-finite weights or a device out of memory.
 
-Both become one-sentence SdtuneErrors that name the settings that fix them and the checkpoint a
+Each becomes one-sentence SdtuneErrors that name the settings that fix them and the checkpoint a
 `--resume latest` continues from, so the CLI (and the UI) show advice instead of a traceback.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -28,11 +28,13 @@ MEMORY_SAVERS: tuple[tuple[str, str], ...] = (
 
 
 def resume_hint(out_dir: Path) -> str:
-    """Where a later `--resume latest` would continue from, in words."""
-    found = checkpoints.list_checkpoints(Path(out_dir))
-    if found:
-        return f"then run again with --resume latest to continue from {found[-1]}"
-    return "then run again (no checkpoint was saved yet; --checkpoint-every N keeps one)"
+    """Where a later run should resume from, in words: only ever a checkpoint whose weights are finite."""
+    good = checkpoints.resumable(Path(out_dir))
+    if good is None:
+        return "then run again (no checkpoint with finite weights was saved yet; --checkpoint-every N keeps one)"
+    if good == checkpoints.list_checkpoints(Path(out_dir))[-1]:
+        return f"then run again with --resume latest to continue from {good}"
+    return f"then run again with --resume {good} (the newest checkpoint whose weights are finite)"
 
 
 def diverged(step: int, loss: float, lr: float, out_dir: Path) -> SdtuneError:
@@ -41,6 +43,15 @@ def diverged(step: int, loss: float, lr: float, out_dir: Path) -> SdtuneError:
         f"Training diverged at step {step} (loss is {loss}) and stopped before the weights were touched; "
         f"lower --lr (now {lr:g}), tighten --max-grad-norm or use --mixed-precision bf16 instead of fp16, "
         f"{resume_hint(out_dir)}.")
+
+
+def check_weights(params: Iterable[torch.Tensor], step: int, lr: float, weight_decay: float, out_dir: Path) -> None:
+    """Refuse to go on to a write when the trained weights are not finite after `step` (1-based): a finite
+    loss does not rule that out (e.g. an infinite weight decay, or a fused optimizer's step on the device)."""
+    if not checkpoints.finite(params):
+        raise SdtuneError(
+            f"Training made the trained weights non-finite (NaN or inf) by step {step} and nothing was written; "
+            f"lower --weight-decay (now {weight_decay:g}) or --lr (now {lr:g}), {resume_hint(out_dir)}.")
 
 
 def out_of_memory(out_dir: Path, device: str = "the device") -> SdtuneError:

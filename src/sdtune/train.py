@@ -109,7 +109,7 @@ def _train(model, method, method_cfg, train_cfg: TrainConfig, data_cfg: DataConf
     optimizer = accelerator.prepare(optimizer)
     start_step, losses = 0, []
     if train_cfg.resume:
-        start_step, losses = checkpoints.restore(out_dir, train_cfg.resume, method, model, optimizer, lr_schedule)
+        start_step, losses = checkpoints.restore(out_dir, train_cfg, method, model, optimizer, lr_schedule)
     ema = _ema(params, train_cfg.ema_decay, start_step)
     if ema is not None and start_step:
         checkpoints.restore_ema(out_dir, train_cfg.resume, ema)
@@ -158,13 +158,14 @@ def _train(model, method, method_cfg, train_cfg: TrainConfig, data_cfg: DataConf
         validate_now = bool(train_cfg.validation_every) and done % train_cfg.validation_every == 0
         if loss_log.due(done) or checkpoint_now or validate_now or done == train_cfg.steps:
             _take_losses(loss_log.pull(), losses, bar, logger, train_cfg, out_dir)  # before anything is written
+            faults.check_weights(params, done, train_cfg.lr, train_cfg.weight_decay, out_dir)  # weights too
         if accelerator.is_main_process and checkpoint_now:
-            checkpoints.save(out_dir, done, method, model, optimizer, lr_schedule, losses, train_cfg.keep_checkpoints,
-                             ema)
+            checkpoints.save(out_dir, done, method, model, optimizer, lr_schedule, losses, train_cfg, ema)
         if accelerator.is_main_process and validate_now:
             _validation_image(model, examples, train_cfg, out_dir, done, logger)
         if on_step is not None and on_step(done, loss_log.latest) and done < train_cfg.steps:
             _take_losses(loss_log.pull(), losses, bar, logger, train_cfg, out_dir)
+            faults.check_weights(params, done, train_cfg.lr, train_cfg.weight_decay, out_dir)
             _stop(out_dir, done, method, model, optimizer, lr_schedule, losses, train_cfg, accelerator, logger, ema)
     bar.close()
     for component in parked:
@@ -206,7 +207,7 @@ def _stop(out_dir: Path, done: int, method, model, optimizer, lr_schedule, losse
           cfg: TrainConfig, accelerator, logger, ema=None) -> None:
     """Stop a run on request, keeping a checkpoint of the step reached so `--resume latest` continues it."""
     if accelerator.is_main_process and not (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
-        checkpoints.save(out_dir, done, method, model, optimizer, lr_schedule, losses, cfg.keep_checkpoints, ema)
+        checkpoints.save(out_dir, done, method, model, optimizer, lr_schedule, losses, cfg, ema)
     if logger:
         logger.close()
     raise SdtuneError(f"Training stopped at step {done} of {cfg.steps}; its checkpoint is in "
