@@ -158,7 +158,8 @@ def _train(model, method, method_cfg, train_cfg: TrainConfig, data_cfg: DataConf
         validate_now = bool(train_cfg.validation_every) and done % train_cfg.validation_every == 0
         if loss_log.due(done) or checkpoint_now or validate_now or done == train_cfg.steps:
             _take_losses(loss_log.pull(), losses, bar, logger, train_cfg, out_dir)  # before anything is written
-            faults.check_weights(params, done, train_cfg.lr, train_cfg.weight_decay, out_dir)  # weights too
+        if checkpoint_now:  # a finite loss does not rule out non-finite weights: checked before each write
+            faults.check_weights(params, done, train_cfg.lr, train_cfg.weight_decay, out_dir)
         if accelerator.is_main_process and checkpoint_now:
             checkpoints.save(out_dir, done, method, model, optimizer, lr_schedule, losses, train_cfg, ema)
         if accelerator.is_main_process and validate_now:
@@ -174,6 +175,7 @@ def _train(model, method, method_cfg, train_cfg: TrainConfig, data_cfg: DataConf
     # 4. The artifact (the averaged weights when EMA is on), with a run card that says how it was made.
     if ema is not None:
         ema.copy_to(params)
+    faults.check_weights(params, train_cfg.steps, train_cfg.lr, train_cfg.weight_decay, out_dir)
     wall = time.time() - started
     peak = peak_memory_bytes(device)
     paths: list[Path] = []
