@@ -1,0 +1,126 @@
+"""Boundaries: every flag, config value and file sdtune reads is checked for type, range and size before work.
+
+Each entry is one CLI command on a hostile input (from the hostile-input pass, cases 10-12). It must exit
+with code 2 and ONE stderr line naming the input, print no traceback and write nothing; inputs that would take
+unbounded memory or time are refused before they are read, parsed or allocated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from sdtune.cli import main
+
+TRAIN = ["train", "lora", "--model", "tiny:sd1", "--token", "sks", "--class-word", "dog", "--steps", "1",
+         "--quiet", "--log-dir", "none"]
+GENERATE = ["generate", "--model", "tiny:sd1", "--steps", "1", "--prompt", "a dog"]
+# A 472-byte "billion laughs": nine levels of nine aliases, 9**9 strings once expanded.
+ALIAS_BOMB = "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
+    f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi"))
+
+
+class Env:
+    """A temporary folder with the subject images; builds argv for train and generate."""
+
+    def __init__(self, tmp: Path, subject: Path):
+        self.tmp, self.subject = tmp, subject
+
+    def file(self, name: str, content: str | bytes) -> Path:
+        path = self.tmp / name
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+        return path
+
+    def train(self, *args: str) -> list[str]:
+        return TRAIN + ["--images", str(self.subject), "--output", str(self.tmp / "out"), *args]
+
+    def config(self, text: str | bytes, name: str = "run.yaml") -> list[str]:
+        """Train with settings from a config file alone (flags would override the file's values)."""
+        return ["train", "lora", "--model", "tiny:sd1", "--quiet", "--output", str(self.tmp / "out"),
+                "--config", str(self.file(name, text))]
+
+    def generate(self, *args: str) -> list[str]:
+        return GENERATE + ["--artifacts", str(self.tmp), "--output", str(self.tmp / "o.png"), *args]
+
+
+def _sparse(env: Env, name: str, size: int) -> Path:
+    """A file that claims `size` bytes without using the disk (reading it all would take that much memory)."""
+    path = env.tmp / name
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+# id -> (argv builder, fragments the one-line message must hold)
+CASES: dict[str, tuple[Callable[[Env], list[str]], tuple[str, ...]]] = {
+    # Config files: size, encoding and YAML alias expansion bounded before parsing.
+    "config-not-utf8": (lambda e: e.config(b"train:\n  steps: 1 # \xff\xfe\n"), ("run.yaml", "UTF-8")),
+    "config-huge-sparse": (lambda e: e.train("--config", str(_sparse(e, "big.yaml", 300 << 20))),
+                           ("big.yaml", "larger than")),
+    "config-yaml-alias-bomb": (lambda e: e.config(ALIAS_BOMB), ("run.yaml", "aliases")),
+    "config-yaml-recursive-anchor": (lambda e: e.config("train: &t {x: *t}\n"), ("run.yaml", "aliases")),
+    # Config fields of the wrong type: bool is no number, text must be text.
+    "config-token-is-a-number": (lambda e: e.config("data:\n  token: 5\n"), ("data.token", "text")),
+    "config-class-word-is-a-list": (lambda e: e.config("data:\n  class_word: [dog, cat]\n"),
+                                    ("data.class_word", "text")),
+    "config-template-is-a-table": (lambda e: e.config('[data]\nprompt_template = {a = 1}\n', "run.toml"),
+                                   ("data.prompt_template", "text")),
+    "config-steps-is-true": (lambda e: e.config("train:\n  steps: true\n"), ("train.steps", "number")),
+    "config-lr-is-a-list": (lambda e: e.config("train:\n  lr: [1, 2]\n"), ("train.lr", "number")),
+    "config-steps-infinite": (lambda e: e.config("train:\n  steps: .inf\n"), ("train.steps", "finite")),
+    "config-steps-huge": (lambda e: e.config("train:\n  steps: 1e22\n"), ("train.steps", "between 1 and")),
+    "flag-weight-decay-infinite": (lambda e: e.train("--weight-decay", "inf"), ("train.weight_decay", "finite")),
+    "flag-seed-past-64-bits": (lambda e: e.train("--seed", str(2**64)), ("train.seed", "between")),
+    "flag-resolution-huge": (lambda e: e.train("--resolution", "12000"), ("data.resolution", "4096")),
+}
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.lstat().st_size, p.lstat().st_mtime_ns)
+            for p in root.rglob("*") if p.is_file() or p.is_symlink()}
+
+
+def run_refused(argv: list[str], root: Path, capsys) -> str:
+    """Run the CLI; assert exit code 2, one stderr line, no traceback and nothing written; return the line."""
+    before = _snapshot(root)
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert _snapshot(root) == before, "a refused command left files behind"
+    return err
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_hostile_input_is_refused_in_one_line_before_work(case, tmp_path, subject_dir, capsys):
+    build, fragments = CASES[case]
+    err = run_refused(build(Env(tmp_path, subject_dir)), tmp_path, capsys)
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+
+
+def test_yaml_anchors_within_the_budget_still_work(tmp_path):
+    from sdtune.config import load_config_file
+
+    path = tmp_path / "run.yaml"
+    path.write_text("base: &b {steps: 3, lr: 1e-4}\ntrain: *b\n")
+    assert load_config_file(path)["train"] == {"steps": 3, "lr": "1e-4"}
+
+
+def test_numbers_written_as_text_are_still_read(tmp_path):
+    """YAML reads 1e-4 (no dot) as text; such numbers keep working, exactly (seeds past 2**53 too)."""
+    from sdtune.config import TrainConfig, build
+
+    cfg = build(TrainConfig, {"lr": "1e-4", "steps": "7", "seed": str(2**63 - 1), "batch_size": 2.0}, "train")
+    assert (cfg.lr, cfg.steps, cfg.seed, cfg.batch_size) == (1e-4, 7, 2**63 - 1, 2)
+
+
+def test_the_largest_seed_trains(tmp_path, subject_dir, capsys):
+    """Seeds up to 2**63 - 1 train (a derived per-step seed used to overflow torch's 64 bits at ~1.8e14)."""
+    env = Env(tmp_path, subject_dir)
+    assert main(env.train("--seed", str(2**63 - 1))) == 0, capsys.readouterr().err
