@@ -7,6 +7,7 @@ unbounded memory or time are refused before they are read, parsed or allocated.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -74,7 +75,34 @@ CASES: dict[str, tuple[Callable[[Env], list[str]], tuple[str, ...]]] = {
     "flag-weight-decay-infinite": (lambda e: e.train("--weight-decay", "inf"), ("train.weight_decay", "finite")),
     "flag-seed-past-64-bits": (lambda e: e.train("--seed", str(2**64)), ("train.seed", "between")),
     "flag-resolution-huge": (lambda e: e.train("--resolution", "12000"), ("data.resolution", "4096")),
+    "flag-seed-negative": (lambda e: e.train("--seed", "-1"), ("train.seed", "between")),
+    # Caption files: size checked before reading.
+    "caption-huge-sparse": (lambda e: e.train("--use-captions", "--images", str(_images_with(
+        e, lambda folder: _sparse(e, "images/subject_0.txt", 300 << 20)))), ("subject_0.txt", "64 KB")),
+    # generate: sizes, counts and numbers refused before the model loads (clip skip once it is known).
+    "generate-width-not-a-multiple-of-8": (lambda e: e.generate("--width", "7", "--height", "64"),
+                                           ("--width 7", "multiple of 8")),
+    "generate-negative-size": (lambda e: e.generate("--width", "64", "--height", "-64"), ("--height", "between")),
+    "generate-huge-size": (lambda e: e.generate("--width", "12000", "--height", "64"), ("--width", "4096")),
+    "generate-width-alone": (lambda e: e.generate("--width", "64"), ("--width", "--height", "both")),
+    "generate-clip-skip-absurd": (lambda e: e.generate("--clip-skip", "100"), ("--clip-skip", "between")),
+    "generate-clip-skip-past-the-layers": (lambda e: e.generate("--clip-skip", "3"), ("--clip-skip 3", "1 to 2")),
+    "generate-steps-huge": (lambda e: e.generate("--steps", str(10**22)), ("--steps", "1000")),
+    "generate-count-huge": (lambda e: e.generate("-n", "100000"), ("--count", "100")),
+    "generate-guidance-nan": (lambda e: e.generate("--guidance", "nan"), ("--guidance", "between")),
+    "generate-guidance-huge": (lambda e: e.generate("--guidance", "1e300"), ("--guidance", "between")),
+    "generate-seed-negative": (lambda e: e.generate("--seed", "-1"), ("--seed", "between")),
+    "generate-output-psd": (lambda e: e.generate("--output", str(e.tmp / "o.psd")), ("o.psd", ".psd", ".png")),
+    "prompt-tag-weight-huge": (lambda e: e.generate("--prompt", "a dog <lora:x:1e300>"), ("<lora:x:1e300>", "100")),
 }
+
+
+def _images_with(env: Env, add: Callable[[Path], object]) -> Path:
+    """A copy of the subject images with an extra file made by `add`."""
+    folder = env.tmp / "images"
+    shutil.copytree(env.subject, folder)
+    add(folder)
+    return folder
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -124,3 +152,29 @@ def test_the_largest_seed_trains(tmp_path, subject_dir, capsys):
     """Seeds up to 2**63 - 1 train (a derived per-step seed used to overflow torch's 64 bits at ~1.8e14)."""
     env = Env(tmp_path, subject_dir)
     assert main(env.train("--seed", str(2**63 - 1))) == 0, capsys.readouterr().err
+
+
+def test_many_images_are_sampled_in_chunks(tmp_path):
+    """-n 10 runs the pipeline on at most 8 images at a time, so memory does not grow with -n."""
+    from sdtune.generate import GenerateOptions, generate
+    from sdtune.model import load
+
+    model, sizes = load("tiny:sd1"), []
+    real = model.pipeline
+
+    def spy(*args, **kwargs):
+        pipe = real(*args, **kwargs)
+
+        class Spy:
+            def __getattr__(self, name):
+                return getattr(pipe, name)
+
+            def __call__(self, **call):
+                sizes.append(call["num_images_per_prompt"])
+                return pipe(**call)
+
+        return Spy()
+
+    model.pipeline = spy
+    images = generate(model, "a dog", GenerateOptions(steps=1, count=10))
+    assert len(images) == 10 and sizes == [8, 2]

@@ -253,17 +253,16 @@ def _writable_folder(path: str) -> Path:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import GenerateOptions, check_image_path, generate, save_images
+    from .generate import GenerateOptions, check_image_path, check_options, generate, save_images
     from .model import load
 
-    if args.count < 1 or args.steps < 1 or args.clip_skip < 1:
-        raise SdtuneError("--count, --steps and --clip-skip must be at least 1.")
-    _writable_folder(str(check_image_path(args.output).parent))
-    model = load(args.model, config=args.model_config)
     options = GenerateOptions(negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
                               seed=args.seed, count=args.count, scheduler=args.scheduler, width=args.width,
                               height=args.height, artifact_dirs=[Path(d) for d in (args.artifacts or ["."])],
                               clip_skip=args.clip_skip)
+    check_options(options)  # before the model loads
+    _writable_folder(str(check_image_path(args.output).parent))
+    model = load(args.model, config=args.model_config)
     for path in save_images(generate(model, args.prompt, options), args.output):
         print(path)
     return 0
