@@ -178,3 +178,60 @@ def test_many_images_are_sampled_in_chunks(tmp_path):
     model.pipeline = spy
     images = generate(model, "a dog", GenerateOptions(steps=1, count=10))
     assert len(images) == 10 and sizes == [8, 2]
+
+CPU_OOM = ("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you tried to "
+           "allocate 1152000000000 bytes.")
+
+
+class _OutOfMemoryPipeline:
+    """A pipeline whose sampling fails as torch's CPU allocator does."""
+
+    def set_progress_bar_config(self, **kwargs):
+        pass
+
+    def __call__(self, **kwargs):
+        raise RuntimeError(CPU_OOM)
+
+
+def test_cpu_out_of_memory_in_generate_is_advice(tmp_path, capsys, monkeypatch):
+    from sdtune.model import SDModel
+
+    monkeypatch.setattr(SDModel, "pipeline", lambda self, *args, **kwargs: _OutOfMemoryPipeline())
+    err = run_refused(GENERATE + ["--output", str(tmp_path / "o.png")], tmp_path, capsys)
+    assert "ran out of memory on the CPU" in err and "--width/--height" in err and "-n" in err, err
+
+
+def test_cpu_out_of_memory_in_training_is_advice(tmp_path, subject_dir, capsys, monkeypatch):
+    from sdtune import train as train_module
+
+    def oom(*args, **kwargs):
+        raise RuntimeError(CPU_OOM)
+
+    monkeypatch.setattr(train_module, "_micro_batch_loss", oom)
+    code = main(Env(tmp_path, subject_dir).train())
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "out of memory on the CPU" in err and "--gradient-checkpointing" in err, err
+    assert not (tmp_path / "out" / "sks.safetensors").exists()
+
+
+def _crash(*args, **kwargs):
+    raise ZeroDivisionError("boom\nsecond line")
+
+
+def test_an_unexpected_error_is_one_line_with_exit_code_1(tmp_path, capsys, monkeypatch):
+    from sdtune import artifacts
+
+    monkeypatch.setattr(artifacts, "describe_artifact", _crash)
+    assert main(["inspect", str(tmp_path / "x.safetensors")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("sdtune: error: ZeroDivisionError: boom second line (rerun as 'sdtune --debug ...' for the "
+                   "traceback)"), err
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch):
+    from sdtune import artifacts
+
+    monkeypatch.setattr(artifacts, "describe_artifact", _crash)
+    with pytest.raises(ZeroDivisionError):
+        main(["--debug", "inspect", str(tmp_path / "x.safetensors")])

@@ -31,6 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sdtune: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, not bad input: one line, code 1; --debug shows the traceback
+        if args.debug:
+            raise
+        reason = " ".join(str(exc).split())[:300]
+        print(f"sdtune: error: {type(exc).__name__}: {reason} (rerun as 'sdtune --debug ...' for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 def _quiet_libraries() -> None:
@@ -60,6 +67,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sdtune", description="Personalise Stable Diffusion models: "
                                      "DreamBooth, Textual Inversion, LoRA and Hypernetworks.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an unexpected error")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     train = sub.add_parser("train", help="train a method on a subject")

@@ -11,6 +11,7 @@ import torch
 
 from .config import MAX_PIXELS, MAX_SEED
 from .errors import SdtuneError
+from .faults import generation_memory_advice
 from .prompt_embeds import pipeline_prompt_kwargs
 
 # Scheduler names users type, mapped to diffusers classes (and options) built from the model's config.
@@ -172,7 +173,7 @@ def generate(model, prompt: str, options: GenerateOptions) -> list:
         extra["guidance_scale"] = options.guidance
     prompt_kwargs = pipeline_prompt_kwargs(model, text, negative, options.clip_skip)
     generator, images = torch.Generator().manual_seed(options.seed), []
-    with torch.inference_mode():  # ~10% faster than no_grad on a CPU; only the sampling, so artifacts
+    with torch.inference_mode(), generation_memory_advice():  # ~10% faster than no_grad on a CPU; only the sampling, so artifacts
         # applied above stay ordinary tensors for a later training in the same process (the web UI)
         for start in range(0, options.count, CHUNK):
             result = pipe(**prompt_kwargs, num_inference_steps=options.steps, generator=generator,
