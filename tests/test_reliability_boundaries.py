@@ -12,11 +12,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from sdtune.cli import main
 
 TRAIN = ["train", "lora", "--model", "tiny:sd1", "--token", "sks", "--class-word", "dog", "--steps", "1",
          "--quiet", "--log-dir", "none"]
+KOHYA_SD1 = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
 GENERATE = ["generate", "--model", "tiny:sd1", "--steps", "1", "--prompt", "a dog"]
 # A 472-byte "billion laughs": nine levels of nine aliases, 9**9 strings once expanded.
 ALIAS_BOMB = "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
@@ -94,7 +97,26 @@ CASES: dict[str, tuple[Callable[[Env], list[str]], tuple[str, ...]]] = {
     "generate-seed-negative": (lambda e: e.generate("--seed", "-1"), ("--seed", "between")),
     "generate-output-psd": (lambda e: e.generate("--output", str(e.tmp / "o.psd")), ("o.psd", ".psd", ".png")),
     "prompt-tag-weight-huge": (lambda e: e.generate("--prompt", "a dog <lora:x:1e300>"), ("<lora:x:1e300>", "100")),
+    # Artifacts whose run card names another family, though their widths fit tiny:sd1.
+    "lora-card-says-sd2": (lambda e: e.generate("--prompt", "a dog <lora:other>", "--artifacts", str(_artifact(
+        e, "other.safetensors", _lora_sd1(), "sd2"))), ("other.safetensors", "sd2", "sd1")),
+    "embedding-card-says-sdxl": (lambda e: e.generate("--prompt", "a emb dog", "--artifacts", str(_artifact(
+        e, "emb.safetensors", {"emb_params": torch.zeros(1, 32)}, "sdxl"))), ("emb.safetensors", "sdxl", "sd1")),
 }
+
+
+def _lora_sd1() -> dict:
+    """A kohya LoRA whose widths fit tiny:sd1's cross-attention key projection."""
+    return {f"{KOHYA_SD1}.lora_down.weight": torch.zeros(2, 32), f"{KOHYA_SD1}.lora_up.weight": torch.zeros(32, 2),
+            f"{KOHYA_SD1}.alpha": torch.tensor(2.0)}
+
+
+def _artifact(env: Env, name: str, tensors: dict, family: str | None) -> Path:
+    """A folder with one artifact file, its run card naming `family` (none: no run card)."""
+    folder = env.tmp / "artifacts"
+    folder.mkdir(exist_ok=True)
+    save_file(tensors, folder / name, metadata={"base_family": family} if family else None)
+    return folder
 
 
 def _images_with(env: Env, add: Callable[[Path], object]) -> Path:
@@ -235,3 +257,11 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
     monkeypatch.setattr(artifacts, "describe_artifact", _crash)
     with pytest.raises(ZeroDivisionError):
         main(["--debug", "inspect", str(tmp_path / "x.safetensors")])
+
+
+@pytest.mark.parametrize("family", ["sd1", None], ids=["same-family-card", "no-run-card"])
+def test_artifacts_of_the_same_family_or_without_a_card_still_load(family, tmp_path, capsys):
+    env = Env(tmp_path, tmp_path)
+    folder = _artifact(env, "one.safetensors", _lora_sd1(), family)
+    assert main(env.generate("--prompt", "a dog <lora:one:0.5>", "--artifacts", str(folder))) == 0, \
+        capsys.readouterr().err

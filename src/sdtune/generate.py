@@ -98,18 +98,30 @@ def make_scheduler(model, name: str):
 
 def apply_prompt_artifacts(model, prompt: str, artifact_dirs: list[Path]) -> str:
     """Apply every <lora:...>/<hypernet:...> named in the prompt; return the prompt without the tags."""
-    from .artifacts import load_artifact
     from .methods import get
     from .prompt import parse_artifact_tags, resolve_artifact
 
     text, tags = parse_artifact_tags(prompt)
     for tag in tags:
         path = resolve_artifact(tag, artifact_dirs)
-        tensors, metadata = load_artifact(path)
+        tensors, metadata = load_for_model(model, path)
         method = get(tag.kind if tag.kind != "hypernet" else "hypernetwork")()
         state = method.decode_file(model, tensors, metadata, path) if hasattr(method, "decode_file") else tensors
         method.apply(model, state, tag.weight, name=tag.name)
     return text
+
+
+def load_for_model(model, path: Path) -> tuple:
+    """(tensors, metadata) of an artifact, refused when its run card names another model family: tensor
+    widths alone can match by chance (a file without a run card, e.g. a download, is judged by widths)."""
+    from .artifacts import load_artifact
+
+    tensors, metadata = load_artifact(path)
+    recorded = metadata.get("base_family")
+    if recorded and recorded != model.family:
+        raise SdtuneError(f"{path} was trained on a {recorded} model and does not fit this {model.family} model; "
+                          f"use it with a {recorded} --model.")
+    return tensors, metadata
 
 
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
@@ -119,7 +131,6 @@ def activate_embeddings(model, texts: list[str], artifact_dirs: list[Path]) -> l
     """Load every Textual Inversion embedding whose name is written as a word in `texts` (earlier folders and
     shallower files win); return the texts with those names spelled as registered, which lets the pipeline
     expand a multi-vector name to all its vectors (tok -> "tok tok_1 tok_2", as diffusers does)."""
-    from .artifacts import load_artifact
     from .formats.embeddings import detect, file_names
     from .methods import get
 
@@ -128,7 +139,7 @@ def activate_embeddings(model, texts: list[str], artifact_dirs: list[Path]) -> l
         name = next((n for n in file_names(path) if n.lower() not in active and _word_in(n, texts)), None)
         if name is None:
             continue
-        obj, metadata = load_artifact(path)
+        obj, metadata = load_for_model(model, path)
         if detect(obj) is None:
             continue  # e.g. a hypernetwork .pt whose stem is also a word of the prompt
         method.apply(model, method.decode_file(model, obj, metadata, path), name=name)
