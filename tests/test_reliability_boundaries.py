@@ -265,3 +265,16 @@ def test_artifacts_of_the_same_family_or_without_a_card_still_load(family, tmp_p
     folder = _artifact(env, "one.safetensors", _lora_sd1(), family)
     assert main(env.generate("--prompt", "a dog <lora:one:0.5>", "--artifacts", str(folder))) == 0, \
         capsys.readouterr().err
+
+
+def test_inspect_shows_terminal_escape_codes_from_metadata_as_text(tmp_path, capsys):
+    """Metadata can hold escape codes (retitle the terminal, clear it, recolour): inspect prints them visibly."""
+    path = tmp_path / "escapes.safetensors"
+    save_file({"w": torch.zeros(1)}, path, metadata={
+        "note": "\x1b]0;pwned\x07\x1b[2J", "method": "\x1b[31mlora", "key\x1b[8m\nforged: yes": "v",
+        "card": '{"prompt": "a \\u001b[5mdog\\r"}'})
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert not any(c in out for c in "\x1b\x07\r"), repr(out)
+    assert "\\x1b]0;pwned\\x07\\x1b[2J" in out and "\\x1b[31mlora" in out and "\\u001b[5mdog" in out, out
+    assert "forged: yes" not in out.splitlines(), out
