@@ -107,8 +107,9 @@ def validate(config: Any, section: str = "") -> None:
         value = getattr(config, f.name)
         name = f"{section}.{f.name}" if section else f.name
         meta = f.metadata
-        if isinstance(value, float) and math.isnan(value):
-            raise SdtuneError(f"{name} is NaN; give a number{_range_text(meta)}.")
+        if isinstance(value, float) and not math.isfinite(value):
+            shown = "NaN" if math.isnan(value) else value
+            raise SdtuneError(f"{name} is {shown}; give a finite number{_range_text(meta)}.")
         if meta.get("choices") and value not in meta["choices"]:
             raise SdtuneError(f"{name} is '{value}'; allowed values are {', '.join(map(str, meta['choices']))}.")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -240,9 +241,7 @@ def _as_float(value: Any, name: str) -> float:
         number = float(value)
     except (ValueError, OverflowError):
         raise SdtuneError(f"{name} must be a number, not {_shown(value)}.") from None
-    if not math.isfinite(number):
-        raise SdtuneError(f"{name} is {_shown(value)}; give a finite number.")
-    return number
+    return number  # validate() refuses NaN and infinity, naming the field's range
 
 
 def _as_int(value: Any, name: str) -> int:
@@ -251,6 +250,8 @@ def _as_int(value: Any, name: str) -> int:
     if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
         return int(value)  # exact, even past a float's 53 bits (seeds)
     number = _as_float(value, name)
+    if not math.isfinite(number):
+        raise SdtuneError(f"{name} is {_shown(value)}; give a finite whole number.")
     if number != int(number):
         raise SdtuneError(f"{name} must be a whole number, not {_shown(value)}.")
     return int(number)
