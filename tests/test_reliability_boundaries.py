@@ -7,6 +7,7 @@ unbounded memory or time are refused before they are read, parsed or allocated.
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -278,3 +279,15 @@ def test_inspect_shows_terminal_escape_codes_from_metadata_as_text(tmp_path, cap
     assert not any(c in out for c in "\x1b\x07\r"), repr(out)
     assert "\\x1b]0;pwned\\x07\\x1b[2J" in out and "\\x1b[31mlora" in out and "\\u001b[5mdog" in out, out
     assert "forged: yes" not in out.splitlines(), out
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"steps": 3.5}, "--steps is 3.5; give a whole number"), ({"count": True}, "-n/--count is True"),
+    ({"guidance": float("inf")}, "--guidance is inf"), ({"width": 64}, "--width and --height go together")])
+def test_library_callers_get_the_same_generate_checks(options, message):
+    """The web UI calls generate() directly: the option checks run there too, before sampling."""
+    from sdtune.errors import SdtuneError
+    from sdtune.generate import GenerateOptions, check_options
+
+    with pytest.raises(SdtuneError, match=re.escape(message)):
+        check_options(GenerateOptions(**options))

@@ -45,17 +45,17 @@ class GenerateOptions:
     clip_skip: int = 1  # A1111 meaning: 1 = the last layer, 2 = the penultimate, ...
 
 
-# Option -> (flag, lowest, highest): checked before a model loads, so nothing is sampled or allocated first.
-# Schedulers are trained on 1000 timesteps (more steps than that are refused by them); -n is sampled in
+# Option -> (flag, type, lowest, highest): checked before a model loads, so nothing is sampled or allocated
+# first. Schedulers are trained on 1000 timesteps (more steps than that are refused by them); -n is sampled in
 # chunks of CHUNK, but every image stays in memory until it is saved.
-LIMITS: dict[str, tuple[str, float, float]] = {
-    "steps": ("--steps", 1, 1000),
-    "count": ("-n/--count", 1, 100),
-    "seed": ("--seed", 0, MAX_SEED),
-    "clip_skip": ("--clip-skip", 1, 48),  # the model's own layer count is checked once it is loaded
-    "width": ("--width", 0, MAX_PIXELS),
-    "height": ("--height", 0, MAX_PIXELS),
-    "guidance": ("--guidance", -100.0, 100.0),  # past this fp32 sampling overflows into NaN images
+LIMITS: dict[str, tuple[str, type | tuple[type, ...], float, float]] = {
+    "steps": ("--steps", int, 1, 1000),
+    "count": ("-n/--count", int, 1, 100),
+    "seed": ("--seed", int, 0, MAX_SEED),
+    "clip_skip": ("--clip-skip", int, 1, 48),  # the model's own layer count is checked once it is loaded
+    "width": ("--width", int, 0, MAX_PIXELS),
+    "height": ("--height", int, 0, MAX_PIXELS),
+    "guidance": ("--guidance", (int, float), -100.0, 100.0),  # past this fp32 sampling overflows into NaN images
 }
 SIZE_MULTIPLE = 8  # diffusers' check_inputs refuses image sides that are not multiples of 8
 CHUNK = 8  # images sampled at once: memory stays that of 8 images whatever -n is
@@ -63,9 +63,13 @@ CHUNK = 8  # images sampled at once: memory stays that of 8 images whatever -n i
 
 def check_options(options: GenerateOptions) -> None:
     """Refuse out-of-range, non-finite or half-given options in one sentence naming the flag."""
-    for name, (flag, low, high) in LIMITS.items():
+    for name, (flag, kind, low, high) in LIMITS.items():
         value = getattr(options, name)
-        if value is not None and not low <= value <= high:  # NaN fails both comparisons
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise SdtuneError(f"{flag} is {value!r}; give a {'whole ' if kind is int else ''}number.")
+        if not low <= value <= high:  # NaN fails both comparisons
             raise SdtuneError(f"{flag} is {value}; it must be between {low} and {high}.")
     for flag, value in (("--width", options.width), ("--height", options.height)):
         if value % SIZE_MULTIPLE:
