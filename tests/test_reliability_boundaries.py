@@ -291,3 +291,13 @@ def test_library_callers_get_the_same_generate_checks(options, message):
 
     with pytest.raises(SdtuneError, match=re.escape(message)):
         check_options(GenerateOptions(**options))
+
+
+@pytest.mark.parametrize("text", ["²", "+-5", "9" * 5000])
+def test_odd_number_texts_are_refused_by_name(text):
+    """Texts int() half-accepts (a superscript digit passes isdigit) are refused, not raised as ValueError."""
+    from sdtune.config import TrainConfig, build
+    from sdtune.errors import SdtuneError
+
+    with pytest.raises(SdtuneError, match="^train.warmup_steps "):
+        build(TrainConfig, {"warmup_steps": text}, "train")

@@ -6,6 +6,7 @@ these fields and `validate` checks any value the same way, whether it came from 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -247,8 +248,9 @@ def _as_float(value: Any, name: str) -> float:
 def _as_int(value: Any, name: str) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-        return int(value)  # exact, even past a float's 53 bits (seeds)
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return int(value)  # exact, even past a float's 53 bits (seeds)
     number = _as_float(value, name)
     if not math.isfinite(number):
         raise SdtuneError(f"{name} is {_shown(value)}; give a finite whole number.")
