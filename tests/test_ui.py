@@ -69,7 +69,7 @@ def test_one_training_at_a_time_and_cancel_keeps_a_resumable_checkpoint(tmp_path
 
 def test_bad_settings_fail_before_training_with_the_cli_messages(tmp_path, subject_dir):
     runner = TrainingRunner(ModelSource("tiny:sd1"), tmp_path / "runs")
-    with pytest.raises(SdtuneError, match="^train.steps is 0; it must be at least 1."):
+    with pytest.raises(SdtuneError, match="^train.steps is 0; it must be between 1 and 10000000."):
         runner.start(TrainRequest("lora", str(subject_dir), train={"steps": 0}))
     with pytest.raises(SdtuneError, match="^Unknown setting 'lora.rnak'"):
         runner.start(TrainRequest("lora", str(subject_dir), method_settings={"rnak": 4}))

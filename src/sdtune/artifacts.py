@@ -359,6 +359,17 @@ def _summary(path: Path) -> tuple[list[tuple[str, torch.dtype, tuple[int, ...]]]
     return rows, metadata
 
 
+# Control characters but the newline, and bidi overrides: in a file's metadata they are terminal escape codes
+# (recolour, retitle, rewrite earlier lines) or text shown in another order than it reads.
+_UNPRINTABLE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str, newlines: bool = True) -> str:
+    """`text` with control characters written as visible escapes (\\x1b), newlines kept when `newlines`."""
+    text = _UNPRINTABLE.sub(lambda m: repr(m.group())[1:-1], text)
+    return text if newlines else text.replace("\n", "\\n")
+
+
 def _pretty(value: str, limit: int = 600) -> str:
     try:
         decoded = json.loads(value)
@@ -391,5 +402,5 @@ def describe_artifact(path: str | os.PathLike) -> str:
     ]
     if metadata:
         lines.append("metadata:")
-        lines += [f"  {key}: {_pretty(value)}" for key, value in sorted(metadata.items())]
-    return "\n".join(lines)
+        lines += [f"  {printable(key, newlines=False)}: {_pretty(value)}" for key, value in sorted(metadata.items())]
+    return printable("\n".join(lines))  # everything shown comes from the file

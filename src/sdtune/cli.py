@@ -33,6 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sdtune: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, not bad input: one line, code 1; --debug shows the traceback
+        if args.debug:
+            raise
+        reason = " ".join(str(exc).split())[:300]
+        print(f"sdtune: error: {type(exc).__name__}: {reason} (rerun as 'sdtune --debug ...' for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 def _quiet_libraries() -> None:
@@ -63,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sdtune", description="Personalise Stable Diffusion models: "
                                      "DreamBooth, Textual Inversion, LoRA and Hypernetworks.")
     parser.add_argument("--version", action="version", version=f"sdtune {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an unexpected error")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     train = sub.add_parser("train", help="train a method on a subject")
@@ -280,7 +288,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(model, method, method_cfg, train_cfg, data_cfg, Path(args.output), name, progress=not args.quiet)
     for path in result.paths:
         print(path)
-    print(f"generate with: sdtune generate {method.usage(args.model, Path(args.output), name, data_cfg.token)}")
+    print(f"generate with: sdtune generate {method.usage(args.model, Path(args.output), name, data_cfg.token)} "
+          f"--output {name}.png")
     return 0
 
 
@@ -295,17 +304,16 @@ def _writable_folder(path: str) -> Path:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import GenerateOptions, check_image_path, generate, save_images
+    from .generate import GenerateOptions, check_image_path, check_options, generate, save_images
     from .model import load
 
-    if args.count < 1 or args.steps < 1 or args.clip_skip < 1:
-        raise SdtuneError("--count, --steps and --clip-skip must be at least 1.")
-    _writable_folder(str(check_image_path(args.output, args.count).parent))
-    model = load(args.model, config=args.model_config)
     options = GenerateOptions(negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
                               seed=args.seed, count=args.count, scheduler=args.scheduler, width=args.width,
                               height=args.height, artifact_dirs=[Path(d) for d in (args.artifacts or ["."])],
                               clip_skip=args.clip_skip)
+    check_options(options)  # before the model loads
+    _writable_folder(str(check_image_path(args.output, args.count).parent))
+    model = load(args.model, config=args.model_config)
     for path in save_images(generate(model, args.prompt, options), args.output):
         print(path)
     return 0

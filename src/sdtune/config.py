@@ -6,6 +6,7 @@ these fields and `validate` checks any value the same way, whether it came from 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -19,6 +20,10 @@ LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_
 # Speed settings (resolved per device and run by sdtune.speed; none changes what is learned).
 COMPILE_MODES = ("auto", "off", "cuda-graphs", "default", "reduce-overhead", "max-autotune")
 ADAM_IMPLS = ("auto", "fused", "foreach", "for-loop")
+# Image sides past this need more memory than a CPU box has (and more than any SD model was trained at).
+MAX_PIXELS = 4096
+# torch.manual_seed takes 64-bit seeds; sdtune derives others by adding small offsets, so it keeps to 63 bits.
+MAX_SEED = 2**63 - 1
 
 
 def opt(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
@@ -40,7 +45,8 @@ class DataConfig:
     prompt_template: str = opt("", "instance prompt; {token} and {class_word} are substituted "
                                    "(default: the base model's own template)")
     use_captions: bool = opt(False, "use same-stem .txt captions instead of the template")
-    resolution: int = opt(0, "training resolution in pixels (0: the model's native resolution)", min=0)
+    resolution: int = opt(0, "training resolution in pixels (0: the model's native resolution)", min=0,
+                         max=MAX_PIXELS)
     center_crop: bool = opt(True, "center crop (otherwise random crop)")
     flip: bool = opt(False, "random horizontal flips")
     buckets: bool = opt(False, "aspect-ratio buckets instead of square crops")
@@ -56,12 +62,12 @@ class DataConfig:
 class TrainConfig:
     """The shared training loop's settings (identical for every method)."""
 
-    steps: int = opt(500, "optimizer steps", min=1)
+    steps: int = opt(500, "optimizer steps", min=1, max=10_000_000)
     lr: float = opt(1e-4, "learning rate", min=0.0, max=10.0)
     scale_lr: bool = opt(False, "multiply the learning rate by the global batch size")
     batch_size: int = opt(1, "images per step per process", min=1)
     grad_accum: int = opt(1, "micro-batches accumulated per optimizer step", min=1)
-    seed: int = opt(0, "seed for noise, timesteps, data order and initialisation", min=0)
+    seed: int = opt(0, "seed for noise, timesteps, data order and initialisation", min=0, max=MAX_SEED)
     device: str = opt("auto", "where to train", choices=("auto", "cpu", "cuda", "mps"))
     mixed_precision: str = opt("no", "autocast precision", choices=("no", "fp16", "bf16"))
     gradient_checkpointing: bool = opt(False, "recompute activations to save memory")
@@ -102,8 +108,9 @@ def validate(config: Any, section: str = "") -> None:
         value = getattr(config, f.name)
         name = f"{section}.{f.name}" if section else f.name
         meta = f.metadata
-        if isinstance(value, float) and not math.isfinite(value):  # inf passes an open range, NaN any range
-            raise SdtuneError(f"{name} is {value}; give a finite number{_range_text(meta)}.")
+        if isinstance(value, float) and not math.isfinite(value):
+            shown = "NaN" if math.isnan(value) else value
+            raise SdtuneError(f"{name} is {shown}; give a finite number{_range_text(meta)}.")
         if meta.get("choices") and value not in meta["choices"]:
             raise SdtuneError(f"{name} is '{value}'; allowed values are {', '.join(map(str, meta['choices']))}.")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -123,21 +130,28 @@ def _range_text(meta) -> str:
     return ""
 
 
+# Config files are small; refusing bigger ones (and YAML that expands past a node budget through anchors
+# and aliases, the "billion laughs") before parsing bounds the memory and time a hostile file can take.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000
+
+
 def load_config_file(path: str | Path) -> dict:
     """Read a YAML or TOML config file into a nested dict ({'train': {...}, 'data': {...}, 'lora': {...}})."""
     path = Path(path)
     if not path.is_file():
         raise SdtuneError(f"Config file {path} does not exist.")
-    text = path.read_text(encoding="utf-8")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise SdtuneError(f"Config file {path} is larger than {MAX_CONFIG_BYTES >> 20} MB; "
+                          "a config holds a few settings, so pass the right file.")
     try:
-        if path.suffix.lower() == ".toml":
-            import tomllib
-
-            data = tomllib.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SdtuneError(f"Config file {path} is not UTF-8 text; re-save it as UTF-8.") from None
+    try:
+        data = _parse(path, text)
+    except SdtuneError:
+        raise
     except Exception as exc:  # both parsers raise their own error types
         raise SdtuneError(f"Config file {path} could not be parsed: {str(exc).splitlines()[0]}") from exc
     if not isinstance(data, dict):
@@ -146,6 +160,39 @@ def load_config_file(path: str | Path) -> dict:
     if section is not None:
         raise SdtuneError(f"Config file {path} section '{section}' must be a mapping of settings, e.g. steps: 500.")
     return data
+
+
+def _parse(path: Path, text: str) -> Any:
+    if path.suffix.lower() == ".toml":
+        import tomllib
+
+        return tomllib.loads(text)
+    import yaml
+
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None and _expanded_size(node, {}, set()) > MAX_YAML_NODES:
+            raise SdtuneError(f"Config file {path} expands to more than {MAX_YAML_NODES:,} values through YAML "
+                              "aliases; write the settings out without anchors.")
+        return loader.construct_document(node) if node is not None else {}
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: Any, sizes: dict[int, int], active: set[int]) -> int:
+    """Nodes in the YAML tree once every alias is expanded (shared nodes counted once per use, in linear time)."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in active:  # a recursive anchor expands forever
+        return MAX_YAML_NODES + 1
+    active.add(key)
+    children = node.value if isinstance(node.value, list) else []
+    items = [part for child in children for part in (child if isinstance(child, tuple) else (child,))]
+    sizes[key] = 1 + sum(_expanded_size(item, sizes, active) for item in items)
+    active.discard(key)
+    return sizes[key]
 
 
 def build(cls, values: dict, section: str):
@@ -164,18 +211,59 @@ def build(cls, values: dict, section: str):
 
 
 def _coerce(value: Any, f: dataclasses.Field, section: str) -> Any:
+    """`value` as the field's type, strictly: bool is not a number, lists and tables are not strings."""
     kind = type(f.default) if f.default is not dataclasses.MISSING else type(f.default_factory())
-    if kind is bool and not isinstance(value, bool):
-        raise SdtuneError(f"{section}.{f.name} must be true or false, not {value!r}.")
-    if kind in (int, float) and not isinstance(value, bool):
-        try:
-            number = kind(value)
-        except (TypeError, ValueError):
-            raise SdtuneError(f"{section}.{f.name} must be a number, not {value!r}.") from None
-        if kind is int and isinstance(value, float) and value != number:
-            raise SdtuneError(f"{section}.{f.name} must be a whole number, not {value!r}.")
-        return number
+    return _COERCERS.get(kind, _as_is)(value, f"{section}.{f.name}")
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """A value for a one-line message, cut short (a config can hold a huge list)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
+def _as_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise SdtuneError(f"{name} must be true or false, not {_shown(value)}.")
     return value
+
+
+def _as_str(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise SdtuneError(f"{name} must be text, not {_shown(value)}; quote it in the config file.")
+    return value
+
+
+def _as_float(value: Any, name: str) -> float:
+    # Strings are accepted: YAML reads 1e-4 (no dot) as text, and the UI's text boxes give text.
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise SdtuneError(f"{name} must be a number, not {_shown(value)}.")
+    try:
+        number = float(value)
+    except (ValueError, OverflowError):
+        raise SdtuneError(f"{name} must be a number, not {_shown(value)}.") from None
+    return number  # validate() refuses NaN and infinity, naming the field's range
+
+
+def _as_int(value: Any, name: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return int(value)  # exact, even past a float's 53 bits (seeds)
+    number = _as_float(value, name)
+    if not math.isfinite(number):
+        raise SdtuneError(f"{name} is {_shown(value)}; give a finite whole number.")
+    if number != int(number):
+        raise SdtuneError(f"{name} must be a whole number, not {_shown(value)}.")
+    return int(number)
+
+
+def _as_is(value: Any, name: str) -> Any:
+    return value
+
+
+_COERCERS = {bool: _as_bool, str: _as_str, float: _as_float, int: _as_int}
 
 
 def to_json(*configs: Any) -> str:

@@ -98,6 +98,9 @@ def read_caption(image_path: Path) -> str | None:
     txt = image_path.with_suffix(".txt")
     if not txt.is_file():
         return None
+    limit = 64 * 1024  # a caption is a sentence or two; checked before reading, so a huge file is never loaded
+    if txt.stat().st_size > limit:
+        raise SdtuneError(f"caption {txt} is larger than {limit // 1024} KB: shorten it to the image's description.")
     try:
         text = txt.read_text(encoding="utf-8-sig").strip()
     except UnicodeDecodeError:

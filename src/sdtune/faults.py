@@ -7,7 +7,7 @@ Each becomes one-sentence SdtuneErrors that name the settings that fix them and 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -17,6 +17,8 @@ from .errors import SdtuneError
 
 # torch >= 2.5 has torch.OutOfMemoryError; older builds only the CUDA one (the same class since 2.5).
 OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+# A CPU allocation failure is a plain RuntimeError from torch's allocator; these phrases tell it apart.
+CPU_OUT_OF_MEMORY = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory")
 # Settings that lower training memory, cheapest first (flag, what it does).
 MEMORY_SAVERS: tuple[tuple[str, str], ...] = (
     ("--batch-size 1 with --grad-accum N", "same global batch, less memory"),
@@ -60,11 +62,39 @@ def out_of_memory(out_dir: Path, device: str = "the device") -> SdtuneError:
     return SdtuneError(f"Training ran out of memory on {device}; try {savers}, {resume_hint(out_dir)}.")
 
 
+def out_of_memory_device(exc: BaseException) -> str | None:
+    """Where an exception says memory ran out ("the GPU", "the CPU", "the device"), or None for other errors."""
+    text = str(exc)
+    if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and any(m in text for m in CPU_OUT_OF_MEMORY)):
+        return "the CPU"
+    if isinstance(exc, OUT_OF_MEMORY):
+        return "the GPU" if "CUDA" in text or "GPU" in text else "the device"
+    return None
+
+
 @contextlib.contextmanager
-def memory_advice(out_dir: str | Path) -> Iterator[None]:
-    """Turn a device out-of-memory error inside the block into `out_of_memory` advice."""
+def _advice_on_out_of_memory(advice: Callable[[str], SdtuneError]) -> Iterator[None]:
+    """Turn an out-of-memory error inside the block, on any device, into `advice(device)`."""
     try:
         yield
-    except OUT_OF_MEMORY as exc:
-        device = "the GPU" if "CUDA" in str(exc) or "GPU" in str(exc) else "the device"
-        raise out_of_memory(Path(out_dir), device) from exc
+    except Exception as exc:
+        device = out_of_memory_device(exc)
+        if device is None:
+            raise
+        raise advice(device) from exc
+
+
+@contextlib.contextmanager
+def memory_advice(out_dir: str | Path) -> Iterator[None]:
+    """Turn a device or CPU out-of-memory error inside the block into `out_of_memory` advice."""
+    with _advice_on_out_of_memory(lambda device: out_of_memory(Path(out_dir), device)):
+        yield
+
+
+@contextlib.contextmanager
+def generation_memory_advice() -> Iterator[None]:
+    """The same for sampling: name the options that shrink what generate holds in memory."""
+    with _advice_on_out_of_memory(lambda device: SdtuneError(
+            f"Generating ran out of memory on {device}; use a smaller --width/--height, fewer -n images or "
+            "fewer prompt artifacts.")):
+        yield

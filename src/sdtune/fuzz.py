@@ -10,6 +10,8 @@ would create a marker file is among the inputs, and a marker that appears is a c
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import sys
 import tempfile
 import time
@@ -150,10 +152,11 @@ def check_pickle(data: bytes, ctx: Context) -> None:
 
 def check_prompt(text: str, ctx: Context) -> None:
     """generate's prompt handling: tags stripped and resolved, emphasis parsed, text split into chunks."""
-    from .prompt import parse_artifact_tags, parse_emphasis, resolve_artifact
+    from .prompt import MAX_TAG_WEIGHT, parse_artifact_tags, parse_emphasis, resolve_artifact
     from .prompt_embeds import tokenize_weighted
 
     clean, tags = parse_artifact_tags(text)
+    assert all(math.isfinite(t.weight) and abs(t.weight) <= MAX_TAG_WEIGHT for t in tags), tags
     parse_emphasis(text)
     ctx.mark_read(tokenize_weighted(ctx.model().tokenizer, clean))
     for tag in tags:
@@ -175,7 +178,40 @@ def check_config(sections: Any, ctx: Context) -> None:
         cls = {"data": DataConfig, "train": TrainConfig}.get(section)
         cls = cls or (get(section).config_class if section in ARTIFACT_METHODS else None)
         if cls is not None:
-            ctx.refusals_allowed(lambda: ctx.mark_read(build(cls, values if isinstance(values, dict) else {}, section)))
+            ctx.refusals_allowed(lambda: assert_typed(ctx.mark_read(
+                build(cls, values if isinstance(values, dict) else {}, section))))
+
+
+def assert_typed(config: Any) -> None:
+    """A built config holds exactly each field's declared type (bool is no int), finite and within its bounds."""
+    for f in dataclasses.fields(config):
+        value, kind = getattr(config, f.name), type(f.default)
+        assert type(value) is kind, (f.name, value)
+        if kind in (int, float):
+            low, high = f.metadata.get("min"), f.metadata.get("max")
+            assert math.isfinite(value) and (low is None or value >= low) and (high is None or value <= high), \
+                (f.name, value)
+
+
+def check_config_text(data: bytes, ctx: Context) -> None:
+    """A config file's bytes as `--config` reads them: size, encoding and alias expansion bounded."""
+    from .config import load_config_file
+
+    ctx.refusals_allowed(lambda: ctx.mark_read(load_config_file(ctx.file(data, ".yaml"))))
+
+
+def check_generate_options(options: Any, ctx: Context) -> None:
+    """generate's option check: what it lets through is whole, finite, in range and sized in multiples of 8."""
+    from .generate import LIMITS, SIZE_MULTIPLE, check_options
+
+    check_options(options)
+    for name, (_, kind, low, high) in LIMITS.items():
+        value = getattr(options, name)
+        assert value is None or (not isinstance(value, bool) and low <= value <= high), (name, value)
+        assert value is None or kind is not int or type(value) is int, (name, value)
+    assert options.width % SIZE_MULTIPLE == 0 and options.height % SIZE_MULTIPLE == 0, options
+    assert bool(options.width) == bool(options.height), options
+    ctx.mark_read(options)
 
 
 def check_image(data: bytes, suffix: str, ctx: Context) -> None:
@@ -199,6 +235,8 @@ def targets() -> list[Target]:
     return [
         Target("prompt parser", lambda ctx: fi.prompts(), check_prompt),
         Target("config values", lambda ctx: fi.config_sections(), check_config),
+        Target("config files", lambda ctx: fi.yaml_texts(), check_config_text),
+        Target("generate options", lambda ctx: fi.generate_options(), check_generate_options),
         Target("images", lambda ctx: st.one_of(*(st.tuples(fi.mutated([data]), st.just(suffix))
                                                  for data, suffix in fi.image_seeds())),
                lambda case, ctx: check_image(*case, ctx)),

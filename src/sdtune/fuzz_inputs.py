@@ -37,7 +37,16 @@ META_KEYS = ("method", "ss_base_model_version", "ss_v2", "modelspec.architecture
 A1111_ENTRIES = ("layer_structure", "activation_func", "is_layer_norm", "use_dropout", "dropout_structure",
                  "last_layer_dropout", "activate_output", "weight_initialization", "name", "step")
 PROMPT_PIECES = ("<lora:", "<hypernet:", "<lyco:", "<LoRA:", ">", ":", "(", ")", "[", "]", "\\", "BREAK", " ",
-                 ",", "sks", "dog", "0.8", "-1", "1e308", "nan", "inf", ".", "1.2.3", "\n", "é", "\x00")
+                 ",", "sks", "dog", "0.8", "-1", "1e308", "nan", "inf", ".", "1.2.3", "\n", "é", "\x00", "100.5",
+                 "1e300")
+# Numbers at and past every boundary an option has: huge, negative, non-finite, not whole, sub-normal.
+EXTREME_NUMBERS = (0, -1, 1, 7, 8, 100, 1000, 1001, 4096, 4104, 2**63 - 1, 2**63, 2**64, 10**22, -(2**63), 0.5, 8.0,
+                   -0.0, 5e-324, 1e300, float("nan"), float("inf"), float("-inf"), True)
+# YAML texts: a config with anchors, an alias bomb and a recursive anchor, for mutation.
+YAML_SEEDS = ("base: &b {steps: 3, lr: 1e-4}\ntrain: *b\ndata: {token: sks}\n",
+              "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n"
+                                                     for p, n in zip("abcdefgh", "bcdefghi")),
+              "train: &t {x: *t}\n")
 
 
 # Building blocks -------------------------------------------------------------------------------------------
@@ -255,10 +264,28 @@ def config_sections() -> st.SearchStrategy:
     from .config import DataConfig, TrainConfig
 
     names = [f.name for cls in (DataConfig, TrainConfig) for f in cls.__dataclass_fields__.values()]
-    values = st.one_of(plain_values(), st.sampled_from((float("nan"), float("inf"), -1, 0, 2**64, "1e-4", "fp8")))
+    values = st.one_of(plain_values(), numbers(), st.sampled_from(("1e-4", "fp8", "1e22", "-inf", "12", " 7")))
     section = st.dictionaries(st.one_of(st.sampled_from(names), st.text(max_size=5)), values, max_size=4)
     return st.one_of(st.dictionaries(st.sampled_from(("data", "train", "lora", "hypernetwork", "x")),
                                      st.one_of(section, plain_values()), max_size=3), plain_values())
+
+
+def numbers() -> st.SearchStrategy:
+    """Boundary numbers first, then any integer or float."""
+    return st.one_of(st.sampled_from(EXTREME_NUMBERS), st.integers(), st.floats())
+
+
+def generate_options() -> st.SearchStrategy:
+    """GenerateOptions with up to three bounded options drawn from `numbers()`, the rest left at defaults."""
+    from .generate import LIMITS, GenerateOptions
+
+    overrides = st.dictionaries(st.sampled_from(sorted(LIMITS)), numbers(), max_size=3)
+    return overrides.map(lambda values: GenerateOptions(**values))
+
+
+def yaml_texts() -> st.SearchStrategy:
+    """Config file bytes: mutated YAML seeds (anchors, alias bombs) or any text."""
+    return st.one_of(mutated([seed.encode() for seed in YAML_SEEDS]), st.text(max_size=200).map(str.encode))
 
 
 def image_seeds() -> list[tuple[bytes, str]]:

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import torch
 
+from .config import MAX_PIXELS, MAX_SEED
 from .errors import SdtuneError
+from .faults import generation_memory_advice
 from .prompt_embeds import pipeline_prompt_kwargs
 
 # Scheduler names users type, mapped to diffusers classes (and options) built from the model's config.
@@ -43,6 +45,50 @@ class GenerateOptions:
     clip_skip: int = 1  # A1111 meaning: 1 = the last layer, 2 = the penultimate, ...
 
 
+# Option -> (flag, type, lowest, highest): checked before a model loads, so nothing is sampled or allocated
+# first. Schedulers are trained on 1000 timesteps (more steps than that are refused by them); -n is sampled in
+# chunks of CHUNK, but every image stays in memory until it is saved.
+LIMITS: dict[str, tuple[str, type | tuple[type, ...], float, float]] = {
+    "steps": ("--steps", int, 1, 1000),
+    "count": ("-n/--count", int, 1, 100),
+    "seed": ("--seed", int, 0, MAX_SEED),
+    "clip_skip": ("--clip-skip", int, 1, 48),  # the model's own layer count is checked once it is loaded
+    "width": ("--width", int, 0, MAX_PIXELS),
+    "height": ("--height", int, 0, MAX_PIXELS),
+    "guidance": ("--guidance", (int, float), -100.0, 100.0),  # past this fp32 sampling overflows into NaN images
+}
+SIZE_MULTIPLE = 8  # diffusers' check_inputs refuses image sides that are not multiples of 8
+CHUNK = 8  # images sampled at once: memory stays that of 8 images whatever -n is
+
+
+def check_options(options: GenerateOptions) -> None:
+    """Refuse out-of-range, non-finite or half-given options in one sentence naming the flag."""
+    for name, (flag, kind, low, high) in LIMITS.items():
+        value = getattr(options, name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise SdtuneError(f"{flag} is {value!r}; give a {'whole ' if kind is int else ''}number.")
+        if not low <= value <= high:  # NaN fails both comparisons
+            raise SdtuneError(f"{flag} is {value}; it must be between {low} and {high}.")
+    for flag, value in (("--width", options.width), ("--height", options.height)):
+        if value % SIZE_MULTIPLE:
+            raise SdtuneError(f"{flag} {value} is not a multiple of {SIZE_MULTIPLE}; "
+                              f"use e.g. {max(SIZE_MULTIPLE, value - value % SIZE_MULTIPLE)}.")
+    # One side alone would leave the aspect ratio to a guess (diffusers silently drops it); ask for both.
+    if bool(options.width) != bool(options.height):
+        raise SdtuneError("--width and --height go together; give both (or neither for the model's native size).")
+
+
+def check_clip_skip(model, clip_skip: int) -> None:
+    """Refuse a clip skip past the text encoder's layers (SDXL already skips one)."""
+    layers = min(encoder.config.num_hidden_layers for encoder in model.text_encoders)
+    usable = layers - (1 if model.family == "sdxl" else 0)
+    if clip_skip > usable:
+        raise SdtuneError(f"--clip-skip {clip_skip} is past this model's {usable} usable text-encoder layers; "
+                          f"use 1 to {usable}.")
+
+
 def make_scheduler(model, name: str):
     import diffusers
 
@@ -56,18 +102,30 @@ def make_scheduler(model, name: str):
 
 def apply_prompt_artifacts(model, prompt: str, artifact_dirs: list[Path]) -> str:
     """Apply every <lora:...>/<hypernet:...> named in the prompt; return the prompt without the tags."""
-    from .artifacts import load_artifact
     from .methods import get
     from .prompt import parse_artifact_tags, resolve_artifact
 
     text, tags = parse_artifact_tags(prompt)
     for tag in tags:
         path = resolve_artifact(tag, artifact_dirs)
-        tensors, metadata = load_artifact(path)
+        tensors, metadata = load_for_model(model, path)
         method = get(tag.kind if tag.kind != "hypernet" else "hypernetwork")()
         state = method.decode_file(model, tensors, metadata, path) if hasattr(method, "decode_file") else tensors
         method.apply(model, state, tag.weight, name=tag.name)
     return text
+
+
+def load_for_model(model, path: Path) -> tuple:
+    """(tensors, metadata) of an artifact, refused when its run card names another model family: tensor
+    widths alone can match by chance (a file without a run card, e.g. a download, is judged by widths)."""
+    from .artifacts import load_artifact
+
+    tensors, metadata = load_artifact(path)
+    recorded = metadata.get("base_family")
+    if recorded and recorded != model.family:
+        raise SdtuneError(f"{path} was trained on a {recorded} model and does not fit this {model.family} model; "
+                          f"use it with a {recorded} --model.")
+    return tensors, metadata
 
 
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
@@ -77,7 +135,6 @@ def activate_embeddings(model, texts: list[str], artifact_dirs: list[Path]) -> l
     """Load every Textual Inversion embedding whose name is written as a word in `texts` (earlier folders and
     shallower files win); return the texts with those names spelled as registered, which lets the pipeline
     expand a multi-vector name to all its vectors (tok -> "tok tok_1 tok_2", as diffusers does)."""
-    from .artifacts import load_artifact
     from .formats.embeddings import detect, file_names
     from .methods import get
 
@@ -86,7 +143,7 @@ def activate_embeddings(model, texts: list[str], artifact_dirs: list[Path]) -> l
         name = next((n for n in file_names(path) if n.lower() not in active and _word_in(n, texts)), None)
         if name is None:
             continue
-        obj, metadata = load_artifact(path)
+        obj, metadata = load_for_model(model, path)
         if detect(obj) is None:
             continue  # e.g. a hypernetwork .pt whose stem is also a word of the prompt
         method.apply(model, method.decode_file(model, obj, metadata, path), name=name)
@@ -118,7 +175,10 @@ def _artifact_files(folders: list[Path], suffixes: tuple[str, ...]) -> list[Path
 
 @torch.no_grad()
 def generate(model, prompt: str, options: GenerateOptions) -> list:
-    """Images (PIL) for `prompt`; the same seed gives the same images as a plain diffusers pipeline."""
+    """Images (PIL) for `prompt`; the same seed gives the same images as a plain diffusers pipeline (for -n
+    above CHUNK, as that many pipeline calls of CHUNK images drawing from one generator)."""
+    check_options(options)
+    check_clip_skip(model, options.clip_skip)
     text = apply_prompt_artifacts(model, prompt, options.artifact_dirs)
     text, negative = activate_embeddings(model, [text, options.negative_prompt], options.artifact_dirs)
     pipe = model.pipeline(make_scheduler(model, options.scheduler))
@@ -127,11 +187,14 @@ def generate(model, prompt: str, options: GenerateOptions) -> list:
     if options.guidance is not None:
         extra["guidance_scale"] = options.guidance
     prompt_kwargs = pipeline_prompt_kwargs(model, text, negative, options.clip_skip)
-    with torch.inference_mode():  # ~10% faster than no_grad on a CPU; only the sampling, so artifacts
+    generator, images = torch.Generator().manual_seed(options.seed), []
+    with torch.inference_mode(), generation_memory_advice():  # ~10% faster than no_grad on a CPU; only the sampling, so artifacts
         # applied above stay ordinary tensors for a later training in the same process (the web UI)
-        result = pipe(**prompt_kwargs, num_inference_steps=options.steps, num_images_per_prompt=options.count,
-                      generator=torch.Generator().manual_seed(options.seed), **extra)
-    return result.images
+        for start in range(0, options.count, CHUNK):
+            result = pipe(**prompt_kwargs, num_inference_steps=options.steps, generator=generator,
+                          num_images_per_prompt=min(CHUNK, options.count - start), **extra)
+            images += result.images
+    return images
 
 
 def check_image_path(path: str | Path, count: int = 1) -> Path:
@@ -142,8 +205,12 @@ def check_image_path(path: str | Path, count: int = 1) -> Path:
     from .artifacts import refuse_special
 
     path = Path(path)
-    if path.suffix.lower() not in Image.registered_extensions():
+    image_format = Image.registered_extensions().get(path.suffix.lower())
+    if image_format is None:
         raise SdtuneError(f"--output {path} does not end in an image extension; name it e.g. {path.stem or 'out'}.png.")
+    if image_format not in Image.SAVE:  # e.g. .psd: PIL reads it but cannot write it
+        raise SdtuneError(f"--output {path}: images cannot be written as {path.suffix}; "
+                          f"name it e.g. {path.stem or 'out'}.png.")
     for target in image_paths(path, count):
         refuse_special(target)
     return path

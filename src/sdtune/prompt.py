@@ -23,6 +23,7 @@ ArtifactKind = Literal["lora", "hypernet"]
 _KIND_ALIASES: dict[str, ArtifactKind] = {"lora": "lora", "lyco": "lora", "hypernet": "hypernet"}
 _TAG_RE = re.compile(r"<(lora|lyco|hypernet):([^>]*)>", re.IGNORECASE)
 _WEIGHT_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+MAX_TAG_WEIGHT = 100.0  # A1111 users write 0..2; beyond 100 an artifact only breaks the image
 
 BREAK = "BREAK"
 """Text of the marker fragment `parse_emphasis` emits for the BREAK keyword (its weight is `BREAK_WEIGHT`)."""
@@ -74,8 +75,9 @@ def _parse_tag(match: re.Match[str]) -> ArtifactTag:
                 f"prompt tag {raw} has weight {fields[1]!r}, which is not a number: use e.g. <{kind}:{name}:0.8>."
             )
         weight = float(fields[1])
-        if not math.isfinite(weight):
-            raise SdtuneError(f"prompt tag {raw} has a weight that is not finite: use a number such as 0.8.")
+        if not (math.isfinite(weight) and abs(weight) <= MAX_TAG_WEIGHT):
+            raise SdtuneError(f"prompt tag {raw} has weight {fields[1]}, outside -{MAX_TAG_WEIGHT:g} to "
+                              f"{MAX_TAG_WEIGHT:g} (larger weights overflow into NaN images): use e.g. 0.8.")
     return ArtifactTag(kind=_KIND_ALIASES[kind], name=name, weight=weight, text=raw)
 
 

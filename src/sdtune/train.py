@@ -126,7 +126,7 @@ def _train(model, method, method_cfg, train_cfg: TrainConfig, data_cfg: DataConf
     logger = _tensorboard(out_dir, train_cfg, accelerator.is_main_process)
     for step in range(start_step, train_cfg.steps):
         _freeze_finished_groups(stops, step)
-        torch.manual_seed(train_cfg.seed * 100_003 + step)  # dropout etc. replay identically after a resume
+        torch.manual_seed((train_cfg.seed * 100_003 + step) % 2**64)  # dropout etc. replay after a resume
         step_loss = torch.zeros((), device=device)
         for micro in range(train_cfg.grad_accum):
             first = step * global_batch + (micro * world + rank) * train_cfg.batch_size
