@@ -1,0 +1,154 @@
+"""Hostile files in the folders sdtune reads: small pickles that claim huge tensors or explode when walked,
+special files (FIFOs) named like artifacts, and hidden temp files of interrupted writes. Each is refused in
+one line, or never looked at, before memory or time is spent on it."""
+
+from __future__ import annotations
+
+import io
+import resource
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdtune.artifacts import describe_artifact, flatten_tensors, load_artifact
+from sdtune.cli import main
+from sdtune.errors import SdtuneError
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+GENERATE = ["generate", "--model", "tiny:sd1", "--steps", "1"]
+
+
+def _one_line_error(capsys, argv: list[str], name: str) -> str:
+    """Run the CLI, expecting exit code 2 and one stderr line that names `name`."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and name in err and "Traceback" not in err, err
+    return err
+
+
+def _peak_rss_growth(action) -> int:
+    """Bytes by which this process's peak resident memory grew while `action` ran."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    action()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+
+
+def _laughs(levels: int) -> list:
+    """A list whose two entries are the same list, `levels` deep: a few bytes pickled, 2**levels paths walked."""
+    nest: list = []
+    for _ in range(levels):
+        nest = [nest, nest]
+    return nest
+
+
+def _torch_zip_with_pickle(path: Path, data_pkl: bytes) -> Path:
+    """A torch zip (as torch.save writes it) whose data.pkl is replaced by `data_pkl`."""
+    buffer = io.BytesIO()
+    torch.save([], buffer)
+    with zipfile.ZipFile(io.BytesIO(buffer.getvalue())) as src, zipfile.ZipFile(path, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, data_pkl if info.filename.endswith("/data.pkl") else src.read(info))
+    return path
+
+
+# Case 3: small safe pickles that claim huge tensors or explode ---------------------------------------------
+
+def _stride0(*shape: int) -> torch.Tensor:
+    """A view of 4 stored bytes that claims `shape` (torch.save keeps it that small)."""
+    return torch.zeros(1).expand(*shape)
+
+
+def test_a_stride0_tensor_is_refused_before_any_use(tmp_path):
+    path = tmp_path / "dog.pt"
+    torch.save({"string_to_param": {"*": _stride0(5_000_000, 768)}, "name": "dog"}, path)
+    assert path.stat().st_size < 4096
+
+    def load():
+        with pytest.raises(SdtuneError, match=r"dog\.pt holds tensor 'string_to_param\.\*' of shape \[5000000, 768\]"):
+            load_artifact(path)
+
+    assert _peak_rss_growth(load) < 64 << 20
+
+
+@pytest.mark.parametrize("kind", ["embedding", "hypernet", "lora"])
+def test_generate_refuses_a_stride0_artifact_in_one_line(capsys, tmp_path, kind):
+    folder, out = tmp_path / "art", tmp_path / "out.png"
+    folder.mkdir()
+    layer = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    objects = {  # each fits tiny:sd1 by shape, so only the stride check can refuse it
+        "embedding": ("dog.pt", "a photo of a dog", {"string_to_param": {"*": _stride0(2, 32)}, "name": "dog"}),
+        "hypernet": ("hn.pt", "a dog <hypernet:hn:1>",
+                     {32: ({"linear.0.weight": _stride0(32, 32), "linear.0.bias": torch.zeros(32)},) * 2,
+                      "layer_structure": [1, 1], "activation_func": "linear"}),
+        "lora": ("lo.pt", "a dog <lora:lo:1>", {f"{layer}.lora_down.weight": _stride0(1, 32),
+                                                 f"{layer}.lora_up.weight": torch.zeros(32, 1)}),
+    }
+    name, prompt, obj = objects[kind]
+    torch.save(obj, folder / name)
+    _one_line_error(capsys, GENERATE + ["--prompt", prompt, "--artifacts", str(folder), "--output", str(out)], name)
+    assert not out.exists()
+
+
+def test_an_embedding_with_more_vectors_than_a_prompt_chunk_is_refused(capsys, tmp_path):
+    folder, out = tmp_path / "art", tmp_path / "out.png"
+    folder.mkdir()
+    torch.save({"string_to_param": {"*": torch.zeros(76, 32)}, "name": "dog"}, folder / "dog.pt")
+    err = _one_line_error(capsys, GENERATE + ["--prompt", "a photo of a dog", "--artifacts", str(folder),
+                                              "--output", str(out)], "'dog'")
+    assert "76 vectors" in err and "75" in err
+    assert not out.exists()
+
+
+
+
+def test_a_billion_laughs_pickle_is_refused_before_unpickling(tmp_path):
+    path = tmp_path / "laughs.pt"
+    torch.save(_laughs(64), path)
+    assert path.stat().st_size < 4096
+    with pytest.raises(SdtuneError, match=r"laughs\.pt expands to over .* entries"):
+        load_artifact(path)
+
+
+@pytest.mark.parametrize("builder", ["laughs", "deep"])
+def test_inspect_refuses_an_exploding_or_deep_pickle_in_one_line(capsys, tmp_path, builder):
+    path = tmp_path / f"{builder}.pt"
+    if builder == "laughs":
+        torch.save(_laughs(21), path)  # 2 M paths: enough to refuse, few enough to finish without the bound
+    else:  # 5000 nested lists: torch.save cannot write it (recursion), so the pickle is written by hand
+        _torch_zip_with_pickle(path, b"\x80\x02" + b"]" * 5000 + b"a" * 4999 + b".")
+    err = _one_line_error(capsys, ["inspect", str(path)], path.name)
+    assert "expands to over" in err or "levels deep" in err
+
+
+def test_flatten_tensors_is_bounded_for_objects_built_in_memory():
+    for obj in (_laughs(21), [torch.zeros(1)] * 2_000_000):
+        with pytest.raises(SdtuneError, match="expands to over"):
+            flatten_tensors(obj)
+    cycle: list = [torch.zeros(1)]
+    cycle.append(cycle)
+    with pytest.raises(SdtuneError):
+        flatten_tensors(cycle)
+
+
+def test_the_ui_library_lists_good_artifacts_beside_an_exploding_one(tmp_path):
+    from sdtune.ui.library import scan
+
+    torch.save(_laughs(21), tmp_path / "bad.pt")
+    torch.save({"string_to_param": {"*": torch.zeros(1, 32)}, "name": "good"}, tmp_path / "good.pt")
+    entries = {e.path.name: e for e in scan([tmp_path])}
+    assert entries["good.pt"].kind == "embedding"
+    assert entries["bad.pt"].layout.startswith("unreadable") and "expands to over" in entries["bad.pt"].layout
+
+
+def test_a_safetensors_header_claiming_a_huge_tensor_is_refused_unread(capsys, tmp_path):
+    import json
+    import struct
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2**20, 2**20], "data_offsets": [0, 2**42]}}).encode()
+    path = tmp_path / "big.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
+    err = _one_line_error(capsys, ["inspect", str(path)], "big.safetensors")
+    assert "not a readable safetensors file" in err
+    assert _peak_rss_growth(lambda: pytest.raises(SdtuneError, load_artifact, path)) < 64 << 20
