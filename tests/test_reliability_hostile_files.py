@@ -101,6 +101,14 @@ def test_an_embedding_with_more_vectors_than_a_prompt_chunk_is_refused(capsys, t
     assert not out.exists()
 
 
+def test_generate_names_each_artifact_file_a_prompt_activated(capsys, tmp_path):
+    folder, out = tmp_path / "art", tmp_path / "out.png"
+    folder.mkdir()
+    torch.save({"string_to_param": {"*": torch.zeros(1, 32)}, "name": "dog"}, folder / "dog.pt")
+    torch.save({"string_to_param": {"*": torch.zeros(2, 32)}, "name": "cat"}, folder / "cat.pt")
+    assert main(GENERATE + ["--prompt", "a photo of a dog", "--artifacts", str(folder), "--output", str(out)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"using embedding {folder / 'dog.pt'} (1 vector)"]
 
 
 def test_a_billion_laughs_pickle_is_refused_before_unpickling(tmp_path):

@@ -263,7 +263,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     options = GenerateOptions(negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
                               seed=args.seed, count=args.count, scheduler=args.scheduler, width=args.width,
                               height=args.height, artifact_dirs=[Path(d) for d in (args.artifacts or ["."])],
-                              clip_skip=args.clip_skip)
+                              clip_skip=args.clip_skip, report=lambda line: print(line, file=sys.stderr))
     for path in save_images(generate(model, args.prompt, options), args.output):
         print(path)
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,11 @@ class GenerateOptions:
     height: int = 0
     artifact_dirs: list[Path] = field(default_factory=list)
     clip_skip: int = 1  # A1111 meaning: 1 = the last layer, 2 = the penultimate, ...
+    report: Callable[[str], None] = lambda line: None  # told each artifact file a prompt activated (the CLI: stderr)
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
 
 
 def make_scheduler(model, name: str):
@@ -54,8 +60,10 @@ def make_scheduler(model, name: str):
     return getattr(diffusers, cls_name).from_config({**model.scheduler.config, **extra})
 
 
-def apply_prompt_artifacts(model, prompt: str, artifact_dirs: list[Path]) -> str:
-    """Apply every <lora:...>/<hypernet:...> named in the prompt; return the prompt without the tags."""
+def apply_prompt_artifacts(model, prompt: str, artifact_dirs: list[Path],
+                           report: Callable[[str], None] = lambda line: None) -> str:
+    """Apply every <lora:...>/<hypernet:...> named in the prompt, reporting each file; return the prompt
+    without the tags."""
     from .artifacts import load_artifact
     from .methods import get
     from .prompt import parse_artifact_tags, resolve_artifact
@@ -67,16 +75,19 @@ def apply_prompt_artifacts(model, prompt: str, artifact_dirs: list[Path]) -> str
         method = get(tag.kind if tag.kind != "hypernet" else "hypernetwork")()
         state = method.decode_file(model, tensors, metadata, path) if hasattr(method, "decode_file") else tensors
         method.apply(model, state, tag.weight, name=tag.name)
+        report(f"using {tag.kind} {path} (weight {tag.weight:g})")
     return text
 
 
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
 
 
-def activate_embeddings(model, texts: list[str], artifact_dirs: list[Path]) -> list[str]:
+def activate_embeddings(model, texts: list[str], artifact_dirs: list[Path],
+                        report: Callable[[str], None] = lambda line: None) -> list[str]:
     """Load every Textual Inversion embedding whose name is written as a word in `texts` (earlier folders and
-    shallower files win); return the texts with those names spelled as registered, which lets the pipeline
-    expand a multi-vector name to all its vectors (tok -> "tok tok_1 tok_2", as diffusers does)."""
+    shallower files win), reporting each file; return the texts with those names spelled as registered, which
+    lets the pipeline expand a multi-vector name to all its vectors (tok -> "tok tok_1 tok_2", as diffusers
+    does). A1111's convention makes any file stem a trigger word, so the report says which files a prompt woke."""
     from .artifacts import load_artifact
     from .formats.embeddings import detect, file_names
     from .methods import get
@@ -89,8 +100,10 @@ def activate_embeddings(model, texts: list[str], artifact_dirs: list[Path]) -> l
         obj, metadata = load_artifact(path)
         if detect(obj) is None:
             continue  # e.g. a hypernetwork .pt whose stem is also a word of the prompt
-        method.apply(model, method.decode_file(model, obj, metadata, path), name=name)
+        vectors = method.decode_file(model, obj, metadata, path)
+        method.apply(model, vectors, name=name)
         active.add(name.lower())
+        report(f"using embedding {path} ({_plural(next(iter(vectors.values())).shape[0], 'vector')})")
     for name in active:
         texts = [_word_pattern(name).sub(lambda _, n=name: n, t) for t in texts]
     return texts
@@ -119,8 +132,9 @@ def _artifact_files(folders: list[Path], suffixes: tuple[str, ...]) -> list[Path
 @torch.no_grad()
 def generate(model, prompt: str, options: GenerateOptions) -> list:
     """Images (PIL) for `prompt`; the same seed gives the same images as a plain diffusers pipeline."""
-    text = apply_prompt_artifacts(model, prompt, options.artifact_dirs)
-    text, negative = activate_embeddings(model, [text, options.negative_prompt], options.artifact_dirs)
+    text = apply_prompt_artifacts(model, prompt, options.artifact_dirs, options.report)
+    text, negative = activate_embeddings(model, [text, options.negative_prompt], options.artifact_dirs,
+                                         options.report)
     pipe = model.pipeline(make_scheduler(model, options.scheduler))
     pipe.set_progress_bar_config(disable=True)
     extra = {"width": options.width or None, "height": options.height or None}
