@@ -5,7 +5,10 @@ one line, or never looked at, before memory or time is spent on it."""
 from __future__ import annotations
 
 import io
+import os
 import resource
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from sdtune.errors import SdtuneError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 GENERATE = ["generate", "--model", "tiny:sd1", "--steps", "1"]
+needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
 
 
 def _one_line_error(capsys, argv: list[str], name: str) -> str:
@@ -160,3 +164,79 @@ def test_a_safetensors_header_claiming_a_huge_tensor_is_refused_unread(capsys, t
     err = _one_line_error(capsys, ["inspect", str(path)], "big.safetensors")
     assert "not a readable safetensors file" in err
     assert _peak_rss_growth(lambda: pytest.raises(SdtuneError, load_artifact, path)) < 64 << 20
+
+
+# Case 4: special files named like artifacts or images --------------------------------------------------------
+
+@needs_fifo
+def test_scans_never_list_a_fifo_named_like_an_artifact(tmp_path):
+    from sdtune.generate import EMBEDDING_SUFFIXES, _artifact_files
+    from sdtune.prompt import artifact_candidates
+    from sdtune.ui.library import scan
+
+    (tmp_path / "deep").mkdir()
+    os.mkfifo(tmp_path / "sks.safetensors")
+    os.mkfifo(tmp_path / "deep" / "dog.pt")
+    torch.save({"string_to_param": {"*": torch.zeros(1, 32)}, "name": "cat"}, tmp_path / "cat.pt")
+    assert artifact_candidates(tmp_path, (".safetensors", ".pt")) == [tmp_path / "cat.pt"]
+    assert _artifact_files([tmp_path], EMBEDDING_SUFFIXES) == [tmp_path / "cat.pt"]
+    assert [e.path for e in scan([tmp_path])] == [tmp_path / "cat.pt"]
+
+
+@needs_fifo
+def test_generate_runs_beside_a_fifo_in_the_artifacts_folder(tmp_path):
+    """In a child process, so that a read that blocks on the FIFO fails this test instead of hanging the suite."""
+    os.mkfifo(tmp_path / "sks.safetensors")
+    out = tmp_path / "out.png"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    done = subprocess.run([sys.executable, "-m", "sdtune.cli", *GENERATE, "--prompt", "a photo of sks",
+                           "--output", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert out.is_file()
+
+
+@needs_fifo
+def test_image_and_caption_fifos_are_skipped(tmp_path, subject_dir):
+    from sdtune.class_images import _image_files
+    from sdtune.data import load_image_folder
+
+    os.mkfifo(subject_dir / "zz.png")
+    os.mkfifo(subject_dir / "subject_0.txt")
+    records = load_image_folder(subject_dir)
+    assert [r.path.name for r in records] == [f"subject_{i}.png" for i in range(4)]
+    assert records[0].caption is None
+    assert [p.name for p in _image_files(subject_dir)] == [f"subject_{i}.png" for i in range(4)]
+
+
+def test_a_symlink_loop_is_walked_once(tmp_path):
+    from sdtune.prompt import artifact_candidates
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.pt").write_bytes(b"")
+    (tmp_path / "a" / "loop").symlink_to(tmp_path)
+    (tmp_path / "again").symlink_to(tmp_path / "a")
+    assert artifact_candidates(tmp_path, (".pt",)) == [tmp_path / "a" / "x.pt"]
+
+
+def test_a_scan_past_its_entry_limit_is_refused_in_one_sentence(tmp_path):
+    from sdtune.scan import regular_files
+
+    for i in range(5):
+        (tmp_path / f"{i}.pt").write_bytes(b"")
+    assert len(regular_files(tmp_path, (".pt",), limit=5)) == 5
+    with pytest.raises(SdtuneError, match="more than 4 files and folders"):
+        regular_files(tmp_path, (".pt",), limit=4)
+
+
+# Case 5: the hidden temp file of a killed .pt write ---------------------------------------------------------
+
+def test_a_hidden_temp_file_of_a_killed_write_is_never_loaded(capsys, tmp_path):
+    folder, out = tmp_path / "art", tmp_path / "out.png"
+    folder.mkdir()
+    torch.save({"string_to_param": {"*": torch.zeros(1, 32)}, "name": "tokq"}, folder / "tokq.pt")
+    # what a kill between torch.save and the rename leaves: a complete file under the temp name
+    stale = {"string_to_param": {"*": torch.ones(2, 32)}, "name": "tokq", "sdtune": {"textual-inversion_token": "tokq"}}
+    torch.save(stale, folder / ".tokq.1a2b3c4d.tmp.pt")
+    assert main(GENERATE + ["--prompt", "a photo of tokq", "--artifacts", str(folder), "--output", str(out)]) == 0
+    assert capsys.readouterr().err.strip().splitlines() == [f"using embedding {folder / 'tokq.pt'} (1 vector)"]
