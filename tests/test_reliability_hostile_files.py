@@ -4,12 +4,10 @@ one line, or never looked at, before memory or time is spent on it."""
 
 from __future__ import annotations
 
-import io
 import os
 import resource
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ import torch
 from sdtune.artifacts import describe_artifact, flatten_tensors, load_artifact
 from sdtune.cli import main
 from sdtune.errors import SdtuneError
+from sdtune.fuzz_inputs import deep_pickle, laughs, torch_zip_with_pickle
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 GENERATE = ["generate", "--model", "tiny:sd1", "--steps", "1"]
@@ -37,24 +36,6 @@ def _peak_rss_growth(action) -> int:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     action()
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
-
-
-def _laughs(levels: int) -> list:
-    """A list whose two entries are the same list, `levels` deep: a few bytes pickled, 2**levels paths walked."""
-    nest: list = []
-    for _ in range(levels):
-        nest = [nest, nest]
-    return nest
-
-
-def _torch_zip_with_pickle(path: Path, data_pkl: bytes) -> Path:
-    """A torch zip (as torch.save writes it) whose data.pkl is replaced by `data_pkl`."""
-    buffer = io.BytesIO()
-    torch.save([], buffer)
-    with zipfile.ZipFile(io.BytesIO(buffer.getvalue())) as src, zipfile.ZipFile(path, "w") as dst:
-        for info in src.infolist():
-            dst.writestr(info.filename, data_pkl if info.filename.endswith("/data.pkl") else src.read(info))
-    return path
 
 
 # Case 3: small safe pickles that claim huge tensors or explode ---------------------------------------------
@@ -117,7 +98,7 @@ def test_generate_names_each_artifact_file_a_prompt_activated(capsys, tmp_path):
 
 def test_a_billion_laughs_pickle_is_refused_before_unpickling(tmp_path):
     path = tmp_path / "laughs.pt"
-    torch.save(_laughs(64), path)
+    torch.save(laughs(64), path)
     assert path.stat().st_size < 4096
     with pytest.raises(SdtuneError, match=r"laughs\.pt expands to over .* entries"):
         load_artifact(path)
@@ -127,15 +108,15 @@ def test_a_billion_laughs_pickle_is_refused_before_unpickling(tmp_path):
 def test_inspect_refuses_an_exploding_or_deep_pickle_in_one_line(capsys, tmp_path, builder):
     path = tmp_path / f"{builder}.pt"
     if builder == "laughs":
-        torch.save(_laughs(21), path)  # 2 M paths: enough to refuse, few enough to finish without the bound
+        torch.save(laughs(21), path)  # 2 M paths: enough to refuse, few enough to finish without the bound
     else:  # 5000 nested lists: torch.save cannot write it (recursion), so the pickle is written by hand
-        _torch_zip_with_pickle(path, b"\x80\x02" + b"]" * 5000 + b"a" * 4999 + b".")
+        path.write_bytes(torch_zip_with_pickle(deep_pickle(5000)))
     err = _one_line_error(capsys, ["inspect", str(path)], path.name)
     assert "expands to over" in err or "levels deep" in err
 
 
 def test_flatten_tensors_is_bounded_for_objects_built_in_memory():
-    for obj in (_laughs(21), [torch.zeros(1)] * 2_000_000):
+    for obj in (laughs(21), [torch.zeros(1)] * 2_000_000):
         with pytest.raises(SdtuneError, match="expands to over"):
             flatten_tensors(obj)
     cycle: list = [torch.zeros(1)]
@@ -147,7 +128,7 @@ def test_flatten_tensors_is_bounded_for_objects_built_in_memory():
 def test_the_ui_library_lists_good_artifacts_beside_an_exploding_one(tmp_path):
     from sdtune.ui.library import scan
 
-    torch.save(_laughs(21), tmp_path / "bad.pt")
+    torch.save(laughs(21), tmp_path / "bad.pt")
     torch.save({"string_to_param": {"*": torch.zeros(1, 32)}, "name": "good"}, tmp_path / "good.pt")
     entries = {e.path.name: e for e in scan([tmp_path])}
     assert entries["good.pt"].kind == "embedding"
