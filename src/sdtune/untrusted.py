@@ -103,9 +103,13 @@ def _scan_ops(stream: BinaryIO, where: str) -> None:
             stack.append(_MARK)
         elif name != "STOP":
             parts = _pop(stack, op.stack_before)
-            node = parts[0] if name in _MUTATORS else _Node(parts)
+            if not op.stack_after:  # POP, POP_MARK, PROTO, FRAME: nothing is built
+                continue
             if name in _MUTATORS:
+                node = parts[0]
                 node.absorb(parts[1:])
+            else:
+                node = _Node(parts)
             if node.depth > MAX_DEPTH:
                 raise _too_large(where, f"nests its entries over {MAX_DEPTH} levels deep")
             if node.size > MAX_NODES:
