@@ -96,6 +96,17 @@ def test_generate_names_each_artifact_file_a_prompt_activated(capsys, tmp_path):
     assert err == [f"using embedding {folder / 'dog.pt'} (1 vector)"]
 
 
+def test_a_pickle_length_field_claiming_petabytes_is_refused_unallocated(tmp_path):
+    path = tmp_path / "claim.pt"
+    path.write_bytes(b"\x96" + (2**56).to_bytes(8, "little"))  # BYTEARRAY8 of 2**56 bytes, none present
+
+    def load():
+        with pytest.raises(SdtuneError, match=r"claim\.pt is not a readable torch file"):
+            load_artifact(path)
+
+    assert _peak_rss_growth(load) < 64 << 20
+
+
 def test_a_billion_laughs_pickle_is_refused_before_unpickling(tmp_path):
     path = tmp_path / "laughs.pt"
     torch.save(laughs(64), path)

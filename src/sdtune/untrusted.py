@@ -136,12 +136,13 @@ def check_pickle(path: Path) -> None:
                 for data in _zip_pickles(path, archive):
                     _scan_ops(io.BytesIO(data), str(path))
             return
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            for _ in range(LEGACY_PICKLES):
-                if f.tell() >= min(size, MAX_PICKLE_BYTES):
-                    break
-                _scan_ops(f, str(path))
+        with open(path, "rb") as f:  # in memory: a length field then reads what is there, not what it claims
+            data = f.read(MAX_PICKLE_BYTES)
+        head = io.BytesIO(data)
+        for _ in range(LEGACY_PICKLES):
+            if head.tell() >= len(data):
+                break
+            _scan_ops(head, str(path))
     except SdtuneError:
         raise
     except (ValueError, IndexError, KeyError, EOFError, zipfile.BadZipFile, RuntimeError, OSError) as exc:
