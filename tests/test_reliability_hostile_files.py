@@ -20,6 +20,7 @@ from sdtune.fuzz_inputs import deep_pickle, laughs, torch_zip_with_pickle
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 GENERATE = ["generate", "--model", "tiny:sd1", "--steps", "1"]
+LORA_LAYER = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"  # a tiny:sd1 layer
 needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
 
 
@@ -61,14 +62,13 @@ def test_a_stride0_tensor_is_refused_before_any_use(tmp_path):
 def test_generate_refuses_a_stride0_artifact_in_one_line(capsys, tmp_path, kind):
     folder, out = tmp_path / "art", tmp_path / "out.png"
     folder.mkdir()
-    layer = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
     objects = {  # each fits tiny:sd1 by shape, so only the stride check can refuse it
         "embedding": ("dog.pt", "a photo of a dog", {"string_to_param": {"*": _stride0(2, 32)}, "name": "dog"}),
         "hypernet": ("hn.pt", "a dog <hypernet:hn:1>",
                      {32: ({"linear.0.weight": _stride0(32, 32), "linear.0.bias": torch.zeros(32)},) * 2,
                       "layer_structure": [1, 1], "activation_func": "linear"}),
-        "lora": ("lo.pt", "a dog <lora:lo:1>", {f"{layer}.lora_down.weight": _stride0(1, 32),
-                                                 f"{layer}.lora_up.weight": torch.zeros(32, 1)}),
+        "lora": ("lo.pt", "a dog <lora:lo:1>", {f"{LORA_LAYER}.lora_down.weight": _stride0(1, 32),
+                                                 f"{LORA_LAYER}.lora_up.weight": torch.zeros(32, 1)}),
     }
     name, prompt, obj = objects[kind]
     torch.save(obj, folder / name)
@@ -91,9 +91,12 @@ def test_generate_names_each_artifact_file_a_prompt_activated(capsys, tmp_path):
     folder.mkdir()
     torch.save({"string_to_param": {"*": torch.zeros(1, 32)}, "name": "dog"}, folder / "dog.pt")
     torch.save({"string_to_param": {"*": torch.zeros(2, 32)}, "name": "cat"}, folder / "cat.pt")
-    assert main(GENERATE + ["--prompt", "a photo of a dog", "--artifacts", str(folder), "--output", str(out)]) == 0
+    lora = {f"{LORA_LAYER}.lora_down.weight": torch.zeros(1, 32), f"{LORA_LAYER}.lora_up.weight": torch.zeros(32, 1)}
+    torch.save(lora, folder / "lo.pt")
+    assert main(GENERATE + ["--prompt", "a photo of a dog <lora:lo:0.5>", "--artifacts", str(folder),
+                            "--output", str(out)]) == 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"using embedding {folder / 'dog.pt'} (1 vector)"]
+    assert err == [f"using lora {folder / 'lo.pt'} (weight 0.5)", f"using embedding {folder / 'dog.pt'} (1 vector)"]
 
 
 def test_a_pickle_length_field_claiming_petabytes_is_refused_unallocated(tmp_path):

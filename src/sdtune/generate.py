@@ -13,6 +13,13 @@ import torch
 from .errors import SdtuneError
 from .prompt_embeds import pipeline_prompt_kwargs
 
+Report = Callable[[str], None]  # told one line per artifact file a prompt activated (the CLI prints to stderr)
+
+
+def _silent(line: str) -> None:
+    """The default report: say nothing (library callers and the UI)."""
+
+
 # Scheduler names users type, mapped to diffusers classes (and options) built from the model's config.
 SCHEDULERS = {
     "ddim": ("DDIMScheduler", {}),
@@ -42,7 +49,7 @@ class GenerateOptions:
     height: int = 0
     artifact_dirs: list[Path] = field(default_factory=list)
     clip_skip: int = 1  # A1111 meaning: 1 = the last layer, 2 = the penultimate, ...
-    report: Callable[[str], None] = lambda line: None  # told each artifact file a prompt activated (the CLI: stderr)
+    report: Report = _silent
 
 
 def _plural(count: int, word: str) -> str:
@@ -61,7 +68,7 @@ def make_scheduler(model, name: str):
 
 
 def apply_prompt_artifacts(model, prompt: str, artifact_dirs: list[Path],
-                           report: Callable[[str], None] = lambda line: None) -> str:
+                           report: Report = _silent) -> str:
     """Apply every <lora:...>/<hypernet:...> named in the prompt, reporting each file; return the prompt
     without the tags."""
     from .artifacts import load_artifact
@@ -83,7 +90,7 @@ EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
 
 
 def activate_embeddings(model, texts: list[str], artifact_dirs: list[Path],
-                        report: Callable[[str], None] = lambda line: None) -> list[str]:
+                        report: Report = _silent) -> list[str]:
     """Load every Textual Inversion embedding whose name is written as a word in `texts` (earlier folders and
     shallower files win), reporting each file; return the texts with those names spelled as registered, which
     lets the pipeline expand a multi-vector name to all its vectors (tok -> "tok tok_1 tok_2", as diffusers
