@@ -179,6 +179,13 @@ def test_scans_never_list_a_fifo_named_like_an_artifact(tmp_path):
 
 
 @needs_fifo
+def test_inspect_of_a_fifo_says_what_it_is_without_opening_it(capsys, tmp_path):
+    os.mkfifo(tmp_path / "sks.safetensors")
+    err = _one_line_error(capsys, ["inspect", str(tmp_path / "sks.safetensors")], "sks.safetensors")
+    assert "pipe, device or socket" in err
+
+
+@needs_fifo
 def test_generate_runs_beside_a_fifo_in_the_artifacts_folder(tmp_path):
     """In a child process, so that a read that blocks on the FIFO fails this test instead of hanging the suite."""
     os.mkfifo(tmp_path / "sks.safetensors")

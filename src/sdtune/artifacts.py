@@ -221,9 +221,17 @@ def atomic_write_via(path: str | os.PathLike, write: Callable[[Path], Any]) -> P
     return path
 
 
+# What a path that is no regular file is, by the first test that holds (stat only: a FIFO is never opened).
+_NOT_A_FILE: tuple[tuple[Callable[[Path], bool], str], ...] = (
+    (Path.is_dir, "is a folder, not a file"),
+    (Path.exists, "is a pipe, device or socket, not a file"),
+    (lambda path: True, "does not exist"),
+)
+
+
 def _check_readable(path: Path) -> None:
     if not path.is_file():
-        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        what = next(text for test, text in _NOT_A_FILE if test(path))
         raise SdtuneError(f"Artifact {path} {what}; check the path.")
 
 
