@@ -27,6 +27,7 @@ from safetensors import torch as st
 from . import __version__
 from .errors import SdtuneError
 from .formats import sniff_format
+from .untrusted import ST_DTYPES, check_pickle, check_safetensors_header, check_tensors, iter_tensors, unreadable
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -251,39 +252,46 @@ def atomic_write_many(writes: list[tuple[Path, Callable[[Path], Any]]]) -> list[
     return targets
 
 
+# What a path that is no regular file is, by the first test that holds (stat only: a FIFO is never opened).
+_NOT_A_FILE: tuple[tuple[Callable[[Path], bool], str], ...] = (
+    (Path.is_dir, "is a folder, not a file"),
+    (Path.exists, "is a pipe, device or socket, not a file"),
+    (lambda path: True, "does not exist"),
+)
+
+
 def _check_readable(path: Path) -> None:
     if not path.is_file():
-        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        what = next(text for test, text in _NOT_A_FILE if test(path))
         raise SdtuneError(f"Artifact {path} {what}; check the path.")
 
 
 def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    check_safetensors_header(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise _unreadable(path, "safetensors", exc) from exc
+        raise unreadable(path, "safetensors", exc) from exc
+    check_tensors(path, tensors)
     return tensors, metadata
 
 
-def _unreadable(path: Path, kind: str, exc: BaseException) -> SdtuneError:
-    """The refusal of a damaged file, with the reader's reason on the same line."""
-    reason = " ".join(str(exc).split())[:200] or type(exc).__name__
-    return SdtuneError(f"{path} is not a readable {kind} file (truncated or corrupt: {reason}); "
-                       "download or export it again.")
-
-
 def _load_pickle(path: Path) -> Any:
+    """torch.load(weights_only=True) of a pickle whose structure was bounded first; every tensor checked."""
+    check_pickle(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise SdtuneError(
             f"{path} may contain code (it needs more than tensors and plain data) and was not loaded; "
             "convert it to .safetensors with a tool you trust."
         ) from exc
     except Exception as exc:  # damaged bytes surface as any of many types (IndexError, KeyError, struct.error...)
-        raise _unreadable(path, "torch", exc) from exc
+        raise unreadable(path, "torch", exc) from exc
+    check_tensors(path, obj)
+    return obj
 
 
 def load_artifact(path: str | os.PathLike) -> tuple[Any, dict[str, str]]:
@@ -300,14 +308,9 @@ def load_artifact(path: str | os.PathLike) -> tuple[Any, dict[str, str]]:
 
 
 def flatten_tensors(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Tensors of a nested dict/list (e.g. a loaded pickle) under dotted keys; other leaves are skipped."""
-    if isinstance(obj, torch.Tensor):
-        return {prefix.rstrip("."): obj}
-    items = obj.items() if isinstance(obj, Mapping) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
-    out: dict[str, torch.Tensor] = {}
-    for key, value in items:
-        out.update(flatten_tensors(value, f"{prefix}{key}."))
-    return out
+    """Tensors of a nested dict/list (e.g. a loaded pickle) under dotted keys; other leaves are skipped.
+    The walk is bounded (see untrusted.iter_tensors), so shared references cannot make it explode."""
+    return dict(iter_tensors(obj, prefix))
 
 
 def file_hash(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
@@ -335,27 +338,20 @@ def model_hash(state: Mapping[str, torch.Tensor] | torch.nn.Module, length: int 
     return digest.hexdigest()[:length]
 
 
-# safetensors header dtype codes -> torch dtypes (for sizes and uniform names).
-_ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}  # fmt: skip
-
-
 def _summary(path: Path) -> tuple[list[tuple[str, torch.dtype, tuple[int, ...]]], dict[str, str]]:
     """(name, dtype, shape) per tensor and metadata; a safetensors file's data is not read."""
     if path.suffix.lower() != SAFETENSORS_SUFFIX:
         obj, metadata = load_artifact(path)
         return [(k, t.dtype, tuple(t.shape)) for k, t in flatten_tensors(obj).items()], metadata
     _check_readable(path)
+    check_safetensors_header(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
             slices = {k: f.get_slice(k) for k in f.keys()}
-            rows = [(k, _ST_DTYPES.get(s.get_dtype(), torch.uint8), tuple(s.get_shape())) for k, s in slices.items()]
+            rows = [(k, ST_DTYPES.get(s.get_dtype(), torch.uint8), tuple(s.get_shape())) for k, s in slices.items()]
     except (SafetensorError, OSError, ValueError) as exc:
-        raise _unreadable(path, "safetensors", exc) from exc
+        raise unreadable(path, "safetensors", exc) from exc
     return rows, metadata
 
 

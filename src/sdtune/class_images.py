@@ -20,6 +20,7 @@ import torch
 
 from .data import IMAGE_EXTENSIONS, ImageRecord, load_image, read_caption
 from .errors import SdtuneError
+from .scan import regular_files
 
 MANIFEST = "sdtune-class-images.json"
 DEFAULT_CLASS_PROMPT = "a photo of a {class_word}"
@@ -87,8 +88,7 @@ def _prompt_for(seed: int, prompts: list[str]) -> str:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    return regular_files(folder, IMAGE_EXTENSIONS, recursive=False)
 
 
 def _read_manifest(folder: Path) -> list[Generated]:

@@ -310,7 +310,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     options = GenerateOptions(negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
                               seed=args.seed, count=args.count, scheduler=args.scheduler, width=args.width,
                               height=args.height, artifact_dirs=[Path(d) for d in (args.artifacts or ["."])],
-                              clip_skip=args.clip_skip)
+                              clip_skip=args.clip_skip, report=lambda line: print(line, file=sys.stderr))
     check_options(options)  # before the model loads
     _writable_folder(str(check_image_path(args.output, args.count).parent))
     model = load(args.model, config=args.model_config)

@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from sdtune.errors import SdtuneError
+from sdtune.scan import is_regular_file, regular_files
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 MIN_SIDE = 8
@@ -96,7 +97,7 @@ def load_image(path: str | Path) -> Image.Image:
 def read_caption(image_path: Path) -> str | None:
     """The stripped UTF-8 text of the same-stem .txt file, or None when absent or empty."""
     txt = image_path.with_suffix(".txt")
-    if not txt.is_file():
+    if not is_regular_file(txt):  # a FIFO named x.txt would block the read
         return None
     limit = 64 * 1024  # a caption is a sentence or two; checked before reading, so a huge file is never loaded
     if txt.stat().st_size > limit:
@@ -111,15 +112,15 @@ def read_caption(image_path: Path) -> str | None:
 def load_image_folder(path: str | Path) -> list[ImageRecord]:
     """Validate every png/jpg/jpeg/webp in a folder (sorted by name) and read same-stem .txt captions.
 
-    Other files and hidden files are skipped; any unreadable, tiny or huge image is refused by name.
+    Other files, hidden files and special files (FIFOs, devices) are skipped; any unreadable, tiny or huge
+    image is refused by name.
     """
     folder = Path(path)
     if not folder.exists():
         raise SdtuneError(f"image folder {folder} does not exist: check the path.")
     if not folder.is_dir():
         raise SdtuneError(f"{folder} is a file, not a folder: pass the folder that holds the images.")
-    names = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.name[0] != ".")
-    files = [p for p in names if p.is_file()]
+    files = regular_files(folder, IMAGE_EXTENSIONS, recursive=False)
     if not files:
         exts = ", ".join(IMAGE_EXTENSIONS)
         raise SdtuneError(f"image folder {folder} holds no images ({exts}): add some or point to another folder.")

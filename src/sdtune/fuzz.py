@@ -214,6 +214,28 @@ def check_generate_options(options: Any, ctx: Context) -> None:
     ctx.mark_read(options)
 
 
+def check_special_tree(entries: list[tuple[str, str]], ctx: Context) -> None:
+    """Every folder scan over a tree of FIFOs, links and hidden temp files ends, listing only regular,
+    visible files (a FIFO that were listed would be opened, and block, by the reader that follows)."""
+    import shutil
+
+    from .data import load_image_folder
+    from .fuzz_inputs import build_tree
+    from .prompt import artifact_candidates
+    from .scan import is_regular_file
+    from .ui.library import scan
+
+    root = ctx.folder / "tree"
+    shutil.rmtree(root, ignore_errors=True)
+    build_tree(root, entries)
+    listed = [*artifact_candidates(root, (".safetensors", ".pt", ".bin")), *(entry.path for entry in scan([root]))]
+    ctx.refusals_allowed(lambda: listed.extend(record.path for record in load_image_folder(root)))
+    bad = [p for p in listed if not is_regular_file(p) or any(s.startswith(".") for s in p.relative_to(root).parts)]
+    if bad:
+        raise AssertionError(f"a folder scan listed {bad[0]}, which is no regular visible file")
+    ctx.mark_read(listed)
+
+
 def check_image(data: bytes, suffix: str, ctx: Context) -> None:
     """A subject image as training opens it."""
     from .data import load_image
@@ -244,6 +266,8 @@ def targets() -> list[Target]:
                                                           st.binary(max_size=fi.MAX_BYTES)),
                lambda data, ctx: check_file(data, ".safetensors", ctx)),
         Target("pickle files", pickles, check_pickle),
+        Target("hostile pickles", lambda ctx: fi.hostile_pickles(), check_pickle),
+        Target("special files", lambda ctx: fi.special_trees(), check_special_tree),
         Target("LoRA decoder", lambda ctx: fi.lora_states(),
                lambda case, ctx: decode_everywhere(*case, Path("fz.safetensors"), ctx)),
         Target("embedding decoder", lambda ctx: fi.embedding_objects(),

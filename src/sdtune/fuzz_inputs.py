@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import struct
+import zipfile
 from pathlib import Path
 
 import torch
@@ -164,6 +166,97 @@ def code_pickle(marker: Path) -> bytes:
     target = str(marker).encode()
     return (b"\x80\x02cbuiltins\nopen\nq\x00X" + struct.pack("<I", len(target)) + target
             + b"X\x01\x00\x00\x00w\x86R.")
+
+
+# Small files that claim much: stride-0 views, shared-reference nests, deep nests; special files ------------
+
+SPECIAL_NAMES = ("sks.safetensors", "dog.pt", "a.png", "a.txt", "x.bin", "checkpoints", "sub")
+
+
+def saved(obj) -> bytes:
+    """torch.save's bytes of `obj` (a torch zip)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def torch_zip_with_pickle(data_pkl: bytes) -> bytes:
+    """A torch zip as torch.save writes it, with data.pkl replaced by `data_pkl` (for pickles torch cannot write)."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(saved([]))) as src, zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, data_pkl if info.filename.endswith("/data.pkl") else src.read(info))
+    return out.getvalue()
+
+
+def laughs(levels: int) -> list:
+    """A list whose two entries are the same list, `levels` deep: a few bytes pickled, 2**levels paths walked."""
+    nest: list = []
+    for _ in range(levels):
+        nest = [nest, nest]
+    return nest
+
+
+def deep_pickle(levels: int) -> bytes:
+    """`levels` nested lists as a protocol-2 pickle (torch.save would hit Python's recursion limit)."""
+    return b"\x80\x02" + b"]" * levels + b"a" * (levels - 1) + b"."
+
+
+def _stride0_artifact(layout: str, shape: list[int]) -> dict:
+    """An artifact layout holding a view of 4 stored bytes that claims `shape`."""
+    view = torch.zeros(1).expand(*shape)
+    layer = TINY_LORA_LAYERS[0][0]
+    return {"embedding": {"string_to_param": {"*": view}, "name": "fz"}, "single": {"fz": view},
+            "lora": {f"{layer}.lora_down.weight": view, f"{layer}.lora_up.weight": torch.zeros(32, 1)},
+            "hypernetwork": {32: ({"linear.0.weight": view, "linear.0.bias": torch.zeros(32)},) * 2,
+                             "layer_structure": [1, 1]}}[layout]
+
+
+def hostile_pickles() -> st.SearchStrategy:
+    """Torch zips of a few KB that claim gigabytes or explode when walked, in the layouts generate reads."""
+    shape = st.lists(st.sampled_from((1, 2, 32, 75, 76, 10**4, 10**6)), min_size=1, max_size=3)
+    stride0 = st.builds(_stride0_artifact, st.sampled_from(("embedding", "single", "lora", "hypernetwork")), shape)
+    return st.one_of(st.builds(saved, stride0), st.builds(lambda n: saved(laughs(n)), st.integers(1, 64)),
+                     st.builds(lambda n: torch_zip_with_pickle(deep_pickle(n)), st.integers(1, 3000)))
+
+
+def _hidden_fifo_link(path: Path, root: Path) -> None:
+    fifo = path.with_name(f".{path.name}.fifo")
+    os.mkfifo(fifo)
+    path.symlink_to(fifo)
+
+
+# How each special kind is made at a path (`root` is the tree's top folder).
+SPECIAL_MAKERS = {
+    "file": lambda path, root: path.write_bytes(b""),
+    "fifo": lambda path, root: os.mkfifo(path),
+    "hidden": lambda path, root: path.with_name(f".{path.stem}.1a2b3c4d.tmp{path.suffix}").write_bytes(b""),
+    "folder": lambda path, root: path.mkdir(),
+    "loop": lambda path, root: path.symlink_to(root),
+    "link-to-fifo": _hidden_fifo_link,
+    "broken-link": lambda path, root: path.symlink_to(root / "missing"),
+}
+
+
+def build_tree(root: Path, entries: list[tuple[str, str]]) -> None:
+    """Make the drawn entries under `root`; a name already taken, or under a non-folder, is skipped (writing
+    to an existing FIFO would block)."""
+    root.mkdir(parents=True)
+    for rel, kind in entries:
+        path = root / rel
+        try:
+            if not os.path.lexists(path):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                SPECIAL_MAKERS[kind](path, root)
+        except OSError:
+            continue
+
+
+def special_trees() -> st.SearchStrategy:
+    """(relative path, kind) entries of a folder tree: regular files beside FIFOs, hidden temp files,
+    symlink loops and links to FIFOs, all named like artifacts, images and captions."""
+    path = st.lists(st.sampled_from(SPECIAL_NAMES), min_size=1, max_size=3).map(lambda parts: "/".join(parts))
+    return st.lists(st.tuples(path, st.sampled_from(tuple(SPECIAL_MAKERS))), max_size=8)
 
 
 # Structured artifacts (decoded without a file) -------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,13 @@ from .config import MAX_PIXELS, MAX_SEED
 from .errors import SdtuneError
 from .faults import generation_memory_advice
 from .prompt_embeds import pipeline_prompt_kwargs
+
+Report = Callable[[str], None]  # told one line per artifact file a prompt activated (the CLI prints to stderr)
+
+
+def _silent(line: str) -> None:
+    """The default report: say nothing (library callers and the UI)."""
+
 
 # Scheduler names users type, mapped to diffusers classes (and options) built from the model's config.
 SCHEDULERS = {
@@ -43,6 +51,11 @@ class GenerateOptions:
     height: int = 0
     artifact_dirs: list[Path] = field(default_factory=list)
     clip_skip: int = 1  # A1111 meaning: 1 = the last layer, 2 = the penultimate, ...
+    report: Report = _silent
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
 
 
 # Option -> (flag, type, lowest, highest): checked before a model loads, so nothing is sampled or allocated
@@ -100,8 +113,10 @@ def make_scheduler(model, name: str):
     return getattr(diffusers, cls_name).from_config({**model.scheduler.config, **extra})
 
 
-def apply_prompt_artifacts(model, prompt: str, artifact_dirs: list[Path]) -> str:
-    """Apply every <lora:...>/<hypernet:...> named in the prompt; return the prompt without the tags."""
+def apply_prompt_artifacts(model, prompt: str, artifact_dirs: list[Path],
+                           report: Report = _silent) -> str:
+    """Apply every <lora:...>/<hypernet:...> named in the prompt, reporting each file; return the prompt
+    without the tags."""
     from .methods import get
     from .prompt import parse_artifact_tags, resolve_artifact
 
@@ -112,6 +127,7 @@ def apply_prompt_artifacts(model, prompt: str, artifact_dirs: list[Path]) -> str
         method = get(tag.kind if tag.kind != "hypernet" else "hypernetwork")()
         state = method.decode_file(model, tensors, metadata, path) if hasattr(method, "decode_file") else tensors
         method.apply(model, state, tag.weight, name=tag.name)
+        report(f"using {tag.kind} {path} (weight {tag.weight:g})")
     return text
 
 
@@ -131,10 +147,12 @@ def load_for_model(model, path: Path) -> tuple:
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
 
 
-def activate_embeddings(model, texts: list[str], artifact_dirs: list[Path]) -> list[str]:
+def activate_embeddings(model, texts: list[str], artifact_dirs: list[Path],
+                        report: Report = _silent) -> list[str]:
     """Load every Textual Inversion embedding whose name is written as a word in `texts` (earlier folders and
-    shallower files win); return the texts with those names spelled as registered, which lets the pipeline
-    expand a multi-vector name to all its vectors (tok -> "tok tok_1 tok_2", as diffusers does)."""
+    shallower files win), reporting each file; return the texts with those names spelled as registered, which
+    lets the pipeline expand a multi-vector name to all its vectors (tok -> "tok tok_1 tok_2", as diffusers
+    does). A1111's convention makes any file stem a trigger word, so the report says which files a prompt woke."""
     from .formats.embeddings import detect, file_names
     from .methods import get
 
@@ -146,8 +164,10 @@ def activate_embeddings(model, texts: list[str], artifact_dirs: list[Path]) -> l
         obj, metadata = load_for_model(model, path)
         if detect(obj) is None:
             continue  # e.g. a hypernetwork .pt whose stem is also a word of the prompt
-        method.apply(model, method.decode_file(model, obj, metadata, path), name=name)
+        vectors = method.decode_file(model, obj, metadata, path)
+        method.apply(model, vectors, name=name)
         active.add(name.lower())
+        report(f"using embedding {path} ({_plural(next(iter(vectors.values())).shape[0], 'vector')})")
     for name in active:
         texts = [_word_pattern(name).sub(lambda _, n=name: n, t) for t in texts]
     return texts
@@ -179,8 +199,9 @@ def generate(model, prompt: str, options: GenerateOptions) -> list:
     above CHUNK, as that many pipeline calls of CHUNK images drawing from one generator)."""
     check_options(options)
     check_clip_skip(model, options.clip_skip)
-    text = apply_prompt_artifacts(model, prompt, options.artifact_dirs)
-    text, negative = activate_embeddings(model, [text, options.negative_prompt], options.artifact_dirs)
+    text = apply_prompt_artifacts(model, prompt, options.artifact_dirs, options.report)
+    text, negative = activate_embeddings(model, [text, options.negative_prompt], options.artifact_dirs,
+                                         options.report)
     pipe = model.pipeline(make_scheduler(model, options.scheduler))
     pipe.set_progress_bar_config(disable=True)
     extra = {"width": options.width or None, "height": options.height or None}

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import difflib
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
 
 from sdtune.errors import SdtuneError
+from sdtune.scan import regular_files
 
 ArtifactKind = Literal["lora", "hypernet"]
 
@@ -129,18 +129,14 @@ def parse_artifact_tags(prompt: str) -> tuple[str, list[ArtifactTag]]:
     return text, tags
 
 
-# Folders never searched for artifacts: hidden ones (.venv, .git), caches and training checkpoints.
+# Folders never searched for artifacts (besides hidden ones such as .venv, .git): caches and training checkpoints.
 SKIPPED_FOLDERS = {"__pycache__", "checkpoints", "site-packages", "node_modules"}
 
 
 def artifact_candidates(folder: Path, suffixes: Sequence[str]) -> list[Path]:
-    """Artifact files under a folder (recursively, as A1111 scans its model folders), shallowest first."""
-    wanted = {s.lower() for s in suffixes}
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in SKIPPED_FOLDERS]
-        found += [Path(root, f) for f in files if Path(f).suffix.lower() in wanted]
-    return sorted(found, key=lambda p: (len(p.relative_to(folder).parts), str(p)))
+    """Artifact files under a folder (recursively, as A1111 scans its model folders), shallowest first; only
+    regular files with visible names (no FIFOs, no temp files of interrupted writes), see sdtune.scan."""
+    return regular_files(folder, suffixes, skip_dir=SKIPPED_FOLDERS.__contains__)
 
 
 def resolve_artifact(

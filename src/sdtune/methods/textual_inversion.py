@@ -111,7 +111,13 @@ def _add_tokens(tokenizers: list, names: list[str]) -> None:
 
 
 def check_fits(model, vectors: dict[str, torch.Tensor], name: str) -> None:
-    """Refuse an embedding made for another model, naming both widths and the likely base family."""
+    """Refuse an embedding made for another model, naming both widths and the likely base family, or one with
+    more vectors than a prompt chunk has tokens (no prompt can use it; adding them all would stall the tokenizer)."""
+    chunk = model.tokenizer.model_max_length - 2  # 75 for CLIP: the start and end tokens take two places
+    count = next(iter(vectors.values())).shape[0]
+    if count > chunk:
+        raise SdtuneError(f"Embedding '{name}' has {count:,} vectors, more than the {chunk} tokens of a prompt "
+                          "chunk, so no prompt can use it; remove the file or rename it so no prompt word names it.")
     widths = {c: enc.get_input_embeddings().weight.shape[1] for c, enc, _ in text_encoders(model)}
     if set(vectors) == set(widths):
         for component, tensor in vectors.items():

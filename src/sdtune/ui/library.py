@@ -64,15 +64,11 @@ def scan(folders: list[Path]) -> list[ArtifactEntry]:
 
 
 def _files(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    found = []
-    for path in folder.rglob("*"):
-        parts = path.relative_to(folder).parts
-        if (path.is_file() and path.suffix.lower() in SUFFIXES and not path.name.startswith(".")
-                and not SKIPPED_FOLDERS.intersection(parts[:-1]) and not _inside_pipeline(path, folder)):
-            found.append(path)
-    return found
+    """Regular, visible artifact files (see sdtune.scan), minus diffusers pipeline components."""
+    from ..scan import regular_files
+
+    return [p for p in regular_files(folder, SUFFIXES, skip_dir=SKIPPED_FOLDERS.__contains__)
+            if not _inside_pipeline(p, folder)]
 
 
 def _inside_pipeline(path: Path, root: Path) -> bool:
