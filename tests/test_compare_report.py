@@ -143,3 +143,54 @@ def test_html_report_shows_every_picture_in_chromium(report_dir, tmp_path_factor
     assert len(images) == len(figures)
     assert all(done and width > 0 and height > 0 for done, width, height, _ in images), images
     assert rows == 6
+
+
+def drawn_charts(monkeypatch, tmp_path) -> list:
+    """Every matplotlib figure the report draws (captured as it becomes a PNG)."""
+    from sdtune.compare import plots
+    from sdtune.compare.report import build_blocks
+
+    figures, to_png = [], plots._png
+    monkeypatch.setattr(plots, "_png", lambda plt, fig: (figures.append(fig), fig.canvas.draw(), to_png(plt, fig))[2])
+    build_blocks(fake_results(), tmp_path)  # no evaluation images here: charts only
+    return figures
+
+
+def colours_drawn(fig) -> dict[str, set[str]]:
+    """Row name -> the colours its bars and lines have in one figure."""
+    from matplotlib.colors import to_hex
+
+    found: dict[str, set[str]] = {}
+    for ax in fig.axes:
+        names = [t.get_text() for t in ax.get_xticklabels()]
+        if names and len(ax.patches) == len(names):
+            for name, bar in zip(names, ax.patches):
+                found.setdefault(name, set()).add(to_hex(bar.get_facecolor()))
+        for line in ax.get_lines():
+            if not line.get_label().startswith("_"):
+                found.setdefault(line.get_label(), set()).add(to_hex(line.get_color()))
+    return found
+
+
+def test_each_row_has_one_colour_in_every_chart(monkeypatch, tmp_path):
+    colours: dict[str, set[str]] = {}
+    for fig in drawn_charts(monkeypatch, tmp_path):
+        for name, seen in colours_drawn(fig).items():
+            colours.setdefault(name, set()).update(seen)
+    assert set(colours) == {"base", *METHOD_ROWS}
+    assert all(len(seen) == 1 for seen in colours.values()), colours  # quality, cost and curve charts agree
+    assert len({c for seen in colours.values() for c in seen}) == len(colours)  # and rows differ from each other
+
+
+def test_memory_and_file_size_charts_use_human_units_without_an_offset(monkeypatch, tmp_path):
+    from sdtune.compare.report import cost_series
+
+    results = fake_results()
+    title, bars = cost_series(results, "peak_memory_bytes", "Peak memory")
+    assert title == "Peak memory (MiB)" and all(abs(mean - 6e8 / 2**20) < 1e-6 for _, mean, _, _ in bars)
+    assert cost_series(results, "artifact_bytes", "Artifact")[0] == "Artifact (MiB)"  # largest: 17 MB
+    for fig in drawn_charts(monkeypatch, tmp_path):
+        for ax in fig.axes:
+            assert ax.yaxis.get_offset_text().get_text() == ""  # no "1e8" above any axis
+            if "memory" in ax.get_title().lower():
+                assert ax.get_ylabel() == "Peak memory (MiB)" and max(p.get_height() for p in ax.patches) < 1024

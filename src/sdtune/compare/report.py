@@ -118,22 +118,37 @@ def _label(results: dict, key: str) -> str:
     return next((m["label"] for m in results["metrics"] if m["key"] == key), key)
 
 
+def _colours(results: dict) -> dict[str, str]:
+    return plots.colour_table([r["name"] for r in results["rows"]])
+
+
 def _quality_bar(results: dict, metric: dict) -> Figure:
     bars = [(r["name"], *_triple(r["quality"].get(metric["key"]))) for r in results["rows"] if r.get("quality")]
-    return Figure(metric["label"], f"charts/{metric['key']}.png", plots.bar_chart(f"{metric['label']} (higher is "
-                                                                                  "better; 95% intervals)", bars))
+    chart = plots.bar_chart(f"{metric['label']} (higher is better; 95% intervals)", bars, _colours(results))
+    return Figure(metric["label"], f"charts/{metric['key']}.png", chart)
 
 
 def _triple(est: dict | None) -> tuple:
     return (None, None, None) if not est else (est["value"], est["low"], est["high"])
 
 
-def _cost_bar(results: dict, key: str, label: str, log: bool) -> Figure:
+BYTE_COSTS = ("peak_memory_bytes", "artifact_bytes")
+
+
+def cost_series(results: dict, key: str, label: str) -> tuple[str, list[tuple]]:
+    """(title with its unit, bars as (name, mean, min, max)) of one cost; byte counts in KiB/MiB/GiB."""
     bars = [(r["name"], s["mean"], s["min"], s["max"]) for r in results["rows"]
             if (s := (r.get("cost") or {}).get(key))]
-    title = {"wall_time_s": "Train time (s)", "peak_memory_bytes": "Peak memory (bytes)",
-             "artifact_bytes": "Artifact size (bytes)"}.get(key, label)
-    return Figure(label, f"charts/cost_{key}.png", plots.bar_chart(title + (", log scale" if log else ""), bars, log=log))
+    if key not in BYTE_COSTS:
+        return {"wall_time_s": "Train time (s)"}.get(key, label), bars
+    divisor, unit = plots.byte_unit(max((b[3] for b in bars), default=1))
+    return f"{label} ({unit})", [(name, *(v / divisor for v in values)) for name, *values in bars]
+
+
+def _cost_bar(results: dict, key: str, label: str, log: bool) -> Figure:
+    title, bars = cost_series(results, key, label)
+    chart = plots.bar_chart(title + (", log scale" if log else ""), bars, _colours(results), ylabel=title, log=log)
+    return Figure(label, f"charts/cost_{key}.png", chart)
 
 
 def _curves(results: dict, metric: dict) -> Figure:
@@ -141,7 +156,8 @@ def _curves(results: dict, metric: dict) -> Figure:
     base = next((r for r in results["rows"] if r["method"] is None and r.get("quality")), None)
     lines = [(r["name"], [(p["step"], p["seconds"], *_triple(p["quality"].get(key))) for p in r["curve"]])
              for r in results["rows"] if r["method"] and r.get("curve")]
-    chart = plots.curve_chart(metric["label"], lines, _triple(base["quality"].get(key)) if base else None)
+    chart = plots.curve_chart(metric["label"], lines, _triple(base["quality"].get(key)) if base else None,
+                              _colours(results))
     return Figure(f"{metric['label']} along the run", f"charts/curve_{key}.png", chart)
 
 
