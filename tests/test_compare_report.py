@@ -96,7 +96,7 @@ def test_markdown_table_has_every_method_and_column(report_dir):
     assert [r[0] for r in rows] == ["base (untouched)", *METHOD_ROWS]
     assert all(len(r) == len(header) for r in rows)
     lora = rows[4]
-    assert lora[6] == "0.800 [0.760, 0.840]" and lora[4] == "110,080" and lora[5] == "480.0 KB"
+    assert lora[6] == "0.800 [0.760, 0.840]" and lora[4] == "110,080" and lora[5] == "468.8 KiB"  # binary units, as on the charts
     assert json.loads((report_dir / "results.json").read_text()) == fake_results()
     for figure in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (report_dir / "report.md").read_text()):
         assert (report_dir / figure).stat().st_size > 1000  # every linked chart was written beside the report
@@ -194,3 +194,30 @@ def test_memory_and_file_size_charts_use_human_units_without_an_offset(monkeypat
             assert ax.yaxis.get_offset_text().get_text() == ""  # no "1e8" above any axis
             if "memory" in ax.get_title().lower():
                 assert ax.get_ylabel() == "Peak memory (MiB)" and max(p.get_height() for p in ax.patches) < 1024
+
+
+def test_which_method_when_has_a_headline_and_few_bullets(report_dir):
+    from pathlib import Path
+
+    from sdtune.compare.reading import MAX_BULLETS, headline
+
+    assert headline(fake_results()).startswith("**dreambooth-no-prior** learns the subject best (subject fidelity "
+                                               "0.88 [0.84, 0.92]) for 100 s of training, 572.2 MiB of peak memory")
+    assert "dreambooth and lora are tied with it" in headline(fake_results())
+    section = (report_dir / "report.md").read_text().split("## Which method when\n\n")[1].split("\n\n## ")[0]
+    first, bullets = section.split("\n\n", 1)
+    assert first == headline(fake_results())  # the headline opens the section, before any bullet
+    assert 3 <= len(bullets.splitlines()) <= MAX_BULLETS == 6
+    committed = json.loads((Path(__file__).parents[1] / "docs" / "compare" / "results.json").read_text())
+    assert len(reading(committed)) <= MAX_BULLETS and headline(committed).startswith("**dreambooth-no-prior**")
+
+
+def test_small_file_pick_needs_half_the_best_subject_score():
+    text = "\n".join(reading(fake_results()))
+    # textual-inversion writes the smallest file but reaches 45% of the best subject score: lora (91%) is the pick.
+    assert "**When the file must be small**: lora (468.8 KiB, 91% of the best subject score); textual-inversion " \
+           "costs less (1.2 KiB) but reaches only 45%." in text
+    assert "reaching 50% of it" in text  # the rule is stated in the report
+    results = fake_results()
+    results["rows"][3]["quality"]["subject_fidelity"] = est(0.45)  # now 51% of the best: it qualifies
+    assert "**When the file must be small**: textual-inversion (1.2 KiB, 51%" in "\n".join(reading(results))

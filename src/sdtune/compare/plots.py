@@ -14,7 +14,6 @@ BASE_COLOUR = "#9e9e9e"
 ROW_COLOURS = {"base": BASE_COLOUR, "dreambooth": "#1f77b4", "dreambooth-no-prior": "#17becf",
                "textual-inversion": "#2ca02c", "lora": "#ff7f0e", "hypernetwork": "#9467bd"}
 SPARE_COLOURS = ("#d62728", "#8c564b", "#e377c2", "#bcbd22", "#7f7f7f", "#393b79")
-BYTE_UNITS = ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB"), (1, "bytes"))
 THUMB = 96  # pixels: largest side of one image in a grid
 
 
@@ -38,11 +37,6 @@ def colour_table(names: list[str]) -> dict[str, str]:
     """Each row name's colour, for every chart of one report."""
     spare = itertools.cycle(SPARE_COLOURS)
     return {name: ROW_COLOURS.get(name) or next(spare) for name in names}
-
-
-def byte_unit(largest: float) -> tuple[float, str]:
-    """(divisor, unit) that shows byte counts up to `largest` in human units (binary: KiB, MiB, GiB)."""
-    return next((size, unit) for size, unit in BYTE_UNITS if largest >= size or size == 1)
 
 
 def bar_chart(title: str, bars: list[tuple[str, float | None, float | None, float | None]], colours: dict[str, str],

@@ -10,9 +10,10 @@ import numpy as np
 import yaml
 
 from ..artifacts import atomic_write_via
+from ..bench_sizes import byte_unit, human_bytes
 from . import plots
 from .document import Block, Bullets, Code, Figure, Heading, Paragraph, Table, to_html, to_markdown
-from .reading import human_bytes, reading
+from .reading import headline, reading
 from .sampling import load_samples
 
 TITLE = "sdtune compare: DreamBooth, Textual Inversion, LoRA and Hypernetwork on one subject"
@@ -41,7 +42,7 @@ def build_blocks(results: dict, out: Path) -> list[Block]:
     metrics = results["metrics"]
     blocks: list[Block] = [Heading(1, TITLE), Paragraph(_summary(results)), Heading(2, "Results"),
                            _table(results), Bullets(_notes(results)), Heading(2, "Which method when"),
-                           Bullets(reading(results)), Heading(2, "Quality and cost per method")]
+                           Paragraph(headline(results)), Bullets(reading(results)), Heading(2, "Quality and cost per method")]
     blocks += [_quality_bar(results, m) for m in metrics if m["key"] not in results["missing_metrics"]]
     blocks += [_cost_bar(results, key, label, log) for key, label, log in COSTS]
     blocks += [Heading(2, "Quality against training budget"),
@@ -141,7 +142,7 @@ def cost_series(results: dict, key: str, label: str) -> tuple[str, list[tuple]]:
             if (s := (r.get("cost") or {}).get(key))]
     if key not in BYTE_COSTS:
         return {"wall_time_s": "Train time (s)"}.get(key, label), bars
-    divisor, unit = plots.byte_unit(max((b[3] for b in bars), default=1))
+    divisor, unit = byte_unit(max((b[3] for b in bars), default=1))
     return f"{label} ({unit})", [(name, *(v / divisor for v in values)) for name, *values in bars]
 
 
