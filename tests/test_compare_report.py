@@ -221,3 +221,13 @@ def test_small_file_pick_needs_half_the_best_subject_score():
     results = fake_results()
     results["rows"][3]["quality"]["subject_fidelity"] = est(0.45)  # now 51% of the best: it qualifies
     assert "**When the file must be small**: textual-inversion (1.2 KiB, 51%" in "\n".join(reading(results))
+
+
+def test_report_says_where_each_rows_files_are_and_how_to_use_them(report_dir):
+    section = (report_dir / "report.md").read_text().split("## Trained files and how to use them\n\n")[1]
+    items = [line for line in section.split("\n\n## ")[0].splitlines() if line.startswith("- ")]
+    assert [item.split("**")[1] for item in items] == list(METHOD_ROWS)  # every trained row, not the base
+    dreambooth, lora = items[0], items[3]
+    assert "`sdtune generate --model runs/dreambooth/seed-0/artifact/dreambooth --prompt" in dreambooth
+    assert lora.startswith("- **lora**: `runs/lora/seed-0/artifact/lora.safetensors` (not beside this copy")
+    assert "--artifacts runs/lora/seed-0/artifact --prompt \"a sks ... <lora:lora:1>\" --output lora.png`" in lora

@@ -15,6 +15,7 @@ from . import plots
 from .document import Block, Bullets, Code, Figure, Heading, Paragraph, Table, to_html, to_markdown
 from .reading import headline, reading
 from .sampling import load_samples
+from .usage import trained_files, where_text
 
 TITLE = "sdtune compare: DreamBooth, Textual Inversion, LoRA and Hypernetwork on one subject"
 COSTS = (("wall_time_s", "Train time", False), ("peak_memory_bytes", "Peak memory", False),
@@ -38,7 +39,8 @@ def _write(path: Path, text: str) -> Path:
 
 
 def build_blocks(results: dict, out: Path) -> list[Block]:
-    """The report, top to bottom: what ran, the table, the reading, charts, curves, images, settings, machine."""
+    """The report, top to bottom: what ran, the table, the reading, charts, curves, images, trained files,
+    settings, machine."""
     metrics = results["metrics"]
     blocks: list[Block] = [Heading(1, TITLE), Paragraph(_summary(results)), Heading(2, "Results"),
                            _table(results), Bullets(_notes(results)), Heading(2, "Which method when"),
@@ -50,6 +52,8 @@ def build_blocks(results: dict, out: Path) -> list[Block]:
                          "its budget are separate questions. Bands are 95% intervals; dashed: the base model.")]
     blocks += [_curves(results, m) for m in metrics if m["key"] not in results["missing_metrics"]]
     blocks += [Heading(2, "Images"), *_grids(results, out)]
+    blocks += [Heading(2, "Trained files and how to use them"), Paragraph(where_text(results)),
+               Bullets(trained_files(results, out))]
     blocks += [Heading(2, "Settings"), Code(yaml.safe_dump(_settings(results), sort_keys=False, width=110)),
                Heading(2, "Machine and versions"), Bullets(_machine(results))]
     return blocks
