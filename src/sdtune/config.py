@@ -19,6 +19,8 @@ LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_
 # Speed settings (resolved per device and run by sdtune.speed; none changes what is learned).
 COMPILE_MODES = ("auto", "off", "cuda-graphs", "default", "reduce-overhead", "max-autotune")
 ADAM_IMPLS = ("auto", "fused", "foreach", "for-loop")
+# Sampling steps of `sdtune generate` and the UI's Generate tab when none are given (diffusers' own default).
+GENERATE_STEPS = 50
 
 
 def opt(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
