@@ -231,3 +231,16 @@ def test_report_says_where_each_rows_files_are_and_how_to_use_them(report_dir):
     assert "`sdtune generate --model runs/dreambooth/seed-0/artifact/dreambooth --prompt" in dreambooth
     assert lora.startswith("- **lora**: `runs/lora/seed-0/artifact/lora.safetensors` (not beside this copy")
     assert "--artifacts runs/lora/seed-0/artifact --prompt \"a sks ... <lora:lora:1>\" --output lora.png`" in lora
+
+
+def test_report_rebuilt_from_results_json_keeps_the_earlier_image_grids(report_dir, tmp_path):
+    import shutil
+
+    write_report(tmp_path, fake_results())  # no evaluation images and no earlier grids: it says so
+    assert "No evaluation images were found beside this report." in (tmp_path / "report.md").read_text()
+    for kind in ("subject", "class"):
+        shutil.copy(report_dir / f"charts/grid_{kind}.png", tmp_path / f"charts/grid_{kind}.png")
+    write_report(tmp_path, fake_results())
+    text = (tmp_path / "report.md").read_text()
+    assert "](charts/grid_subject.png)" in text and "](charts/grid_class.png)" in text
+    assert (tmp_path / "charts/grid_class.png").read_bytes() == (report_dir / "charts/grid_class.png").read_bytes()

@@ -166,21 +166,31 @@ def _curves(results: dict, metric: dict) -> Figure:
     return Figure(f"{metric['label']} along the run", f"charts/curve_{key}.png", chart)
 
 
+# (kind, images and prompt-index keys of a samples file, title) of the two image grids.
+GRIDS = (("subject", "subject", "subject_prompt", "Subject prompts (the subject's token in a new scene)"),
+         ("class", "class_images", "class_prompt", "Class prompts (prior preservation: no token)"))
+
+
 def _grids(results: dict, out: Path) -> list[Block]:
     """Rows x evaluation prompts (first seed, last step), for the subject prompts and the class prompts."""
     rows = [r for r in results["rows"] if r.get("samples") and (out / r["samples"]).is_file()]
     if not rows:
-        return [Paragraph("No evaluation images were found beside this report.")]
+        return _earlier_grids(out) or [Paragraph("No evaluation images were found beside this report.")]
     samples = [load_samples(out / r["samples"]) for r in rows]
     names = [r["name"] for r in rows]
     blocks: list[Block] = []
-    for kind, images_key, index_key, title in (
-            ("subject", "subject", "subject_prompt", "Subject prompts (the subject's token in a new scene)"),
-            ("class", "class_images", "class_prompt", "Class prompts (prior preservation: no token)")):
+    for kind, images_key, index_key, title in GRIDS:
         prompts = results["evaluation"]["prompts" if kind == "subject" else "class_prompts"]
         cells = [[_cell(s[images_key], s[index_key], j) for j in range(len(prompts))] for s in samples]
         blocks.append(Figure(title, f"charts/grid_{kind}.png", plots.image_grid(title, names, prompts, cells)))
     return blocks
+
+
+def _earlier_grids(out: Path) -> list[Block]:
+    """The grids an earlier report left beside this one, when the evaluation images are gone (a report
+    rebuilt from results.json alone, as the committed docs/compare one is)."""
+    found = [(title, out / f"charts/grid_{kind}.png") for kind, _, _, title in GRIDS]
+    return [Figure(title, str(path.relative_to(out)), path.read_bytes()) for title, path in found if path.is_file()]
 
 
 def _cell(images: np.ndarray, index: np.ndarray, prompt: int) -> np.ndarray | None:
