@@ -96,7 +96,7 @@ def test_markdown_table_has_every_method_and_column(report_dir):
     assert [r[0] for r in rows] == ["base (untouched)", *METHOD_ROWS]
     assert all(len(r) == len(header) for r in rows)
     lora = rows[4]
-    assert lora[6] == "0.800 [0.760, 0.840]" and lora[4] == "110,080" and lora[5] == "468.8 KiB"  # binary units, as on the charts
+    assert lora[6] == "0.800 [0.760, 0.840]" and lora[4] == "110,080" and lora[5] == "468.8 KiB"  # as charts
     assert json.loads((report_dir / "results.json").read_text()) == fake_results()
     for figure in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (report_dir / "report.md").read_text()):
         assert (report_dir / figure).stat().st_size > 1000  # every linked chart was written beside the report

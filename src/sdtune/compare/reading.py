@@ -38,7 +38,11 @@ def _value(est: dict | None) -> str:
 
 
 def _names(rows: list[dict], key: str | None = None) -> str:
-    parts = [f"{r['name']} ({_value(_q(r, key))})" if key else r["name"] for r in rows]
+    return _join([f"{r['name']} ({_value(_q(r, key))})" if key else r["name"] for r in rows])
+
+
+def _join(parts: list[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
@@ -90,15 +94,17 @@ def headline(results: dict) -> str:
     if not learners:
         return "No method learned the subject clearly better than the base model with these settings."
     best = max(learners, key=lambda r: _number(_q(r, subject)))
-    tied = [r["name"] for r in ranked if r is not best and r in learners and not above(_q(best, subject), _q(r, subject))]
+    tied = [r for r in ranked if r is not best and r in learners
+            and not above(_q(best, subject), _q(r, subject))]
     est, cost = _q(best, subject), best.get("cost") or {}
     spent = [f"{fmt(cost[key]['mean'])}{what}" for key, what, fmt in (
-        ("wall_time_s", " of training", lambda v: f"{v:.0f} s"), ("peak_memory_bytes", " of peak memory", human_bytes),
+        ("wall_time_s", " of training", lambda v: f"{v:.0f} s"),
+        ("peak_memory_bytes", " of peak memory", human_bytes),
         ("artifact_bytes", " file", lambda v: "a " + human_bytes(v))) if cost.get(key)]
     text = (f"**{best['name']}** learns the subject best ({_label_of(results, subject)} {est['value']:.2f} "
-            f"[{est['low']:.2f}, {est['high']:.2f}])" + (f" for {_names([{'name': s} for s in spent])}" if spent else ""))
+            f"[{est['low']:.2f}, {est['high']:.2f}])" + (f" for {_join(spent)}" if spent else ""))
     if tied:
-        text += f"; {_names([{'name': n} for n in tied])} {_are(tied)} tied with it (95% intervals overlap)"
+        text += f"; {_names(tied)} {_are(tied)} tied with it (95% intervals overlap)"
     return text + "."
 
 

@@ -44,7 +44,8 @@ def build_blocks(results: dict, out: Path) -> list[Block]:
     metrics = results["metrics"]
     blocks: list[Block] = [Heading(1, TITLE), Paragraph(_summary(results)), Heading(2, "Results"),
                            _table(results), Bullets(_notes(results)), Heading(2, "Which method when"),
-                           Paragraph(headline(results)), Bullets(reading(results)), Heading(2, "Quality and cost per method")]
+                           Paragraph(headline(results)), Bullets(reading(results)),
+                           Heading(2, "Quality and cost per method")]
     blocks += [_quality_bar(results, m) for m in metrics if m["key"] not in results["missing_metrics"]]
     blocks += [_cost_bar(results, key, label, log) for key, label, log in COSTS]
     blocks += [Heading(2, "Quality against training budget"),

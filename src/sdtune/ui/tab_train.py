@@ -79,7 +79,8 @@ def build(state: UIState) -> None:
     timer.tick(lambda last: _poll(state, last), inputs=seen, outputs=[progress, plot, gallery, seen])
 
 
-SHOWN = ("token", "steps", "lr", "batch_size", "seed", "settings")
+TRAIN_SHOWN = ("steps", "lr", "batch_size", "seed")  # the train settings the form has a field for
+SHOWN = ("token", *TRAIN_SHOWN, "settings")
 
 
 def defaults(model: str, method: str) -> dict:
@@ -90,7 +91,7 @@ def defaults(model: str, method: str) -> dict:
     from ..compare.recipes import command_defaults
 
     values = command_defaults(model, method)
-    return {"token": values["data"]["token"], **{key: values["train"][key] for key in SHOWN[1:5]},
+    return {"token": values["data"]["token"], **{key: values["train"][key] for key in TRAIN_SHOWN},
             "settings": yaml.safe_dump(values[method], sort_keys=False)}
 
 
