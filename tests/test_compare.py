@@ -5,6 +5,7 @@ images and numbers, and one-line errors for bad requests."""
 from __future__ import annotations
 
 import json
+import shlex
 
 import numpy as np
 import pytest
@@ -40,7 +41,8 @@ def clip_dir(tmp_path_factory):
     return make_clip(tmp_path_factory.mktemp("clip"))
 
 
-def test_compare_runs_each_method_in_its_own_process_and_reports_it(tmp_path, subject_dir, clip_dir, capsys):
+def test_compare_runs_each_method_in_its_own_process_and_reports_it(tmp_path, subject_dir, clip_dir, capsys,
+                                                                     monkeypatch):
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY_REAL)
     out = tmp_path / "report"
@@ -75,6 +77,17 @@ def test_compare_runs_each_method_in_its_own_process_and_reports_it(tmp_path, su
     assert "**DINO** not measured: no --dino-model given." in report and "**hypernetwork** failed:" in report
     lora_line = next(line for line in report.splitlines() if line.startswith("| lora |"))
     assert lora_line.count("n/a") == 3  # DINO, prior preservation, diversity
+
+    # The report says where the trained files are (relative to it) and how to generate with them.
+    (files,) = [line for line in report.splitlines() if line.startswith("- **lora**: ")]
+    assert files.startswith("- **lora**: `runs/lora/seed-0/artifact/lora.safetensors`; generate with `sdtune ")
+    assert (out / "runs/lora/seed-0/artifact/lora.safetensors").is_file()
+    assert not [line for line in report.splitlines() if line.startswith("- **hypernetwork**: ")]  # it failed
+    command = shlex.split(files.split("generate with `sdtune ")[1].rstrip("`"))
+    monkeypatch.chdir(out)  # the commands run from the report's folder
+    assert main([*command, "--steps", "1"]) == 0 and (out / "lora.png").is_file()
+    (out / "lora.png").unlink()
+    capsys.readouterr()
 
     # A second compare into the same folder reuses the finished runs: same numbers, no new training.
     assert main(argv) == 0

@@ -96,7 +96,7 @@ def test_markdown_table_has_every_method_and_column(report_dir):
     assert [r[0] for r in rows] == ["base (untouched)", *METHOD_ROWS]
     assert all(len(r) == len(header) for r in rows)
     lora = rows[4]
-    assert lora[6] == "0.800 [0.760, 0.840]" and lora[4] == "110,080" and lora[5] == "480.0 KB"
+    assert lora[6] == "0.800 [0.760, 0.840]" and lora[4] == "110,080" and lora[5] == "468.8 KiB"  # as charts
     assert json.loads((report_dir / "results.json").read_text()) == fake_results()
     for figure in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (report_dir / "report.md").read_text()):
         assert (report_dir / figure).stat().st_size > 1000  # every linked chart was written beside the report
@@ -143,3 +143,104 @@ def test_html_report_shows_every_picture_in_chromium(report_dir, tmp_path_factor
     assert len(images) == len(figures)
     assert all(done and width > 0 and height > 0 for done, width, height, _ in images), images
     assert rows == 6
+
+
+def drawn_charts(monkeypatch, tmp_path) -> list:
+    """Every matplotlib figure the report draws (captured as it becomes a PNG)."""
+    from sdtune.compare import plots
+    from sdtune.compare.report import build_blocks
+
+    figures, to_png = [], plots._png
+    monkeypatch.setattr(plots, "_png", lambda plt, fig: (figures.append(fig), fig.canvas.draw(), to_png(plt, fig))[2])
+    build_blocks(fake_results(), tmp_path)  # no evaluation images here: charts only
+    return figures
+
+
+def colours_drawn(fig) -> dict[str, set[str]]:
+    """Row name -> the colours its bars and lines have in one figure."""
+    from matplotlib.colors import to_hex
+
+    found: dict[str, set[str]] = {}
+    for ax in fig.axes:
+        names = [t.get_text() for t in ax.get_xticklabels()]
+        if names and len(ax.patches) == len(names):
+            for name, bar in zip(names, ax.patches):
+                found.setdefault(name, set()).add(to_hex(bar.get_facecolor()))
+        for line in ax.get_lines():
+            if not line.get_label().startswith("_"):
+                found.setdefault(line.get_label(), set()).add(to_hex(line.get_color()))
+    return found
+
+
+def test_each_row_has_one_colour_in_every_chart(monkeypatch, tmp_path):
+    colours: dict[str, set[str]] = {}
+    for fig in drawn_charts(monkeypatch, tmp_path):
+        for name, seen in colours_drawn(fig).items():
+            colours.setdefault(name, set()).update(seen)
+    assert set(colours) == {"base", *METHOD_ROWS}
+    assert all(len(seen) == 1 for seen in colours.values()), colours  # quality, cost and curve charts agree
+    assert len({c for seen in colours.values() for c in seen}) == len(colours)  # and rows differ from each other
+
+
+def test_memory_and_file_size_charts_use_human_units_without_an_offset(monkeypatch, tmp_path):
+    from sdtune.compare.report import cost_series
+
+    results = fake_results()
+    title, bars = cost_series(results, "peak_memory_bytes", "Peak memory")
+    assert title == "Peak memory (MiB)" and all(abs(mean - 6e8 / 2**20) < 1e-6 for _, mean, _, _ in bars)
+    assert cost_series(results, "artifact_bytes", "Artifact")[0] == "Artifact (MiB)"  # largest: 17 MB
+    for fig in drawn_charts(monkeypatch, tmp_path):
+        for ax in fig.axes:
+            assert ax.yaxis.get_offset_text().get_text() == ""  # no "1e8" above any axis
+            if "memory" in ax.get_title().lower():
+                assert ax.get_ylabel() == "Peak memory (MiB)" and max(p.get_height() for p in ax.patches) < 1024
+
+
+def test_which_method_when_has_a_headline_and_few_bullets(report_dir):
+    from pathlib import Path
+
+    from sdtune.compare.reading import MAX_BULLETS, headline
+
+    assert headline(fake_results()).startswith("**dreambooth-no-prior** learns the subject best (subject fidelity "
+                                               "0.88 [0.84, 0.92]) for 100 s of training, 572.2 MiB of peak memory")
+    assert "dreambooth and lora are tied with it" in headline(fake_results())
+    section = (report_dir / "report.md").read_text().split("## Which method when\n\n")[1].split("\n\n## ")[0]
+    first, bullets = section.split("\n\n", 1)
+    assert first == headline(fake_results())  # the headline opens the section, before any bullet
+    assert 3 <= len(bullets.splitlines()) <= MAX_BULLETS == 6
+    committed = json.loads((Path(__file__).parents[1] / "docs" / "compare" / "results.json").read_text())
+    assert len(reading(committed)) <= MAX_BULLETS and headline(committed).startswith("**dreambooth-no-prior**")
+
+
+def test_small_file_pick_needs_half_the_best_subject_score():
+    text = "\n".join(reading(fake_results()))
+    # textual-inversion writes the smallest file but reaches 45% of the best subject score: lora (91%) is the pick.
+    assert "**When the file must be small**: lora (468.8 KiB, 91% of the best subject score); textual-inversion " \
+           "costs less (1.2 KiB) but reaches only 45%." in text
+    assert "reaching 50% of it" in text  # the rule is stated in the report
+    results = fake_results()
+    results["rows"][3]["quality"]["subject_fidelity"] = est(0.45)  # now 51% of the best: it qualifies
+    assert "**When the file must be small**: textual-inversion (1.2 KiB, 51%" in "\n".join(reading(results))
+
+
+def test_report_says_where_each_rows_files_are_and_how_to_use_them(report_dir):
+    section = (report_dir / "report.md").read_text().split("## Trained files and how to use them\n\n")[1]
+    items = [line for line in section.split("\n\n## ")[0].splitlines() if line.startswith("- ")]
+    assert [item.split("**")[1] for item in items] == list(METHOD_ROWS)  # every trained row, not the base
+    dreambooth, lora = items[0], items[3]
+    assert "`sdtune generate --model runs/dreambooth/seed-0/artifact/dreambooth --prompt" in dreambooth
+    assert lora.startswith("- **lora**: `runs/lora/seed-0/artifact/lora.safetensors` (not beside this copy")
+    assert "--artifacts runs/lora/seed-0/artifact --prompt \"a sks ... <lora:lora:1>\" --output lora.png`" in lora
+
+
+def test_report_rebuilt_from_results_json_keeps_the_earlier_image_grids(report_dir, tmp_path):
+    import shutil
+
+    write_report(tmp_path, fake_results())  # no evaluation images and no earlier grids: it says so
+    assert "No evaluation images were found beside this report." in (tmp_path / "report.md").read_text()
+    for kind in ("subject", "class"):
+        shutil.copy(report_dir / f"charts/grid_{kind}.png", tmp_path / f"charts/grid_{kind}.png")
+    write_report(tmp_path, fake_results())
+    text = (tmp_path / "report.md").read_text()
+    assert "](charts/grid_subject.png)" in text and "](charts/grid_class.png)" in text
+    assert (tmp_path / "charts/grid_class.png").read_bytes() == (report_dir / "charts/grid_class.png").read_bytes()

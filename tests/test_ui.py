@@ -166,3 +166,71 @@ def test_compare_command_follows_the_cli():
         assert ("--model" not in options or command[command.index("--model") + 1] == "builtin")
         assert ("--methods" not in options or command[command.index("--methods") + 1] == "lora")
         assert "--model-config" not in command
+
+
+def test_artifacts_tab_lists_trainings_and_comparisons(tmp_path):
+    from safetensors.torch import save_file
+
+    from sdtune.ui.app import make_state
+    from sdtune.ui.tab_artifacts import artifact_choices, artifact_rows
+
+    state = make_state("tiny:sd1", tmp_path / "ws")
+    assert artifact_rows(state)[0][2].startswith("no artifacts yet")
+    lora = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32),
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(32, 4)}
+    # A UI training writes runs/NAME/NAME.*; a UI comparison writes comparisons/NAME/runs/ROW/seed-S/artifact/.
+    files = ["runs/dog/dog.safetensors", *(f"comparisons/first/runs/lora/seed-{s}/artifact/lora.safetensors"
+                                          for s in range(3))]
+    for name in files:
+        (tmp_path / "ws" / name).parent.mkdir(parents=True)
+        save_file(lora, tmp_path / "ws" / name)
+    assert sorted(row[3] for row in artifact_rows(state)) == sorted(files)
+    assert len({label for label, _ in artifact_choices(state)}) == 4  # the seeds' files are told apart
+
+
+def test_loss_chart_has_numeric_axes():
+    import gradio as gr
+
+    from sdtune.ui.tab_train import loss_frame
+
+    plot = gr.LinePlot(loss_frame([]), x="step", y="loss")
+    for losses in ([], [(1, 1.10), (2, 0.16), (3, 0.5)]):
+        frame = loss_frame(losses)
+        assert [str(t) for t in frame.dtypes] == ["int64", "float64"]
+        # Object columns would make the plot's axes categories (a tick per value, 0.16 above 1.10).
+        assert plot.postprocess(frame).datatypes == {"step": "quantitative", "loss": "quantitative"}
+
+
+def ui_values(model: str, tmp_path) -> dict:
+    """The UI's initial value of each form field, by elem_id."""
+    from sdtune.ui.app import build_blocks, make_state
+
+    blocks = build_blocks(make_state(model, tmp_path / "ws"))
+    return {b.elem_id: getattr(b, "value", None) for b in blocks.blocks.values() if getattr(b, "elem_id", None)}
+
+
+@pytest.mark.parametrize("model", ["builtin", "tiny:sd1"])
+def test_ui_defaults_are_the_clis(model, tmp_path):
+    from sdtune.cli import build_parser
+    from sdtune.compare.recipes import training_defaults
+    from sdtune.config import TrainConfig
+
+    values = ui_values(model, tmp_path)
+    generate = build_parser().parse_args(["generate", "--prompt", "a", "--output", "a.png"])
+    assert values["gen-steps"] == generate.steps == 50 and values["gen-guidance"] is None is generate.guidance
+    recipe = training_defaults(model, "lora").get("train", {})  # what `sdtune train lora` uses on this model
+    for key, elem in (("steps", "train-steps"), ("lr", "train-lr"), ("batch_size", "train-batch"),
+                      ("seed", "train-seed")):
+        assert values[elem] == recipe.get(key, getattr(TrainConfig(), key)), key
+    assert values["train-steps"] == (400 if model == "builtin" else 500)
+
+
+def test_ui_training_uses_the_clis_defaults_for_what_the_form_does_not_show(subject_dir):
+    from sdtune.ui.training import build_configs
+
+    request = TrainRequest(method="lora", images=str(subject_dir), token="sks", class_word="toy", train={"seed": 1})
+    _, lora_cfg, data_cfg, train_cfg = build_configs(request, "builtin")
+    assert (train_cfg.steps, train_cfg.lr, train_cfg.seed) == (400, 0.005, 1)  # the builtin recipe, the form's seed
+    assert lora_cfg.rank == 8 and data_cfg.use_captions  # settings the form has no field for
+    _, lora_cfg, _, train_cfg = build_configs(request, "tiny:sd1")  # elsewhere the library's field defaults
+    assert train_cfg.steps == 500

@@ -65,10 +65,17 @@ def artifact_sizes(spec: str, method_names: list[str]) -> dict:
     return {"kind": "sizes", "model": spec, "rows": rows}
 
 
-def human_bytes(count: float) -> str:
-    """1536 -> '1.5 KiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} GiB"
+BYTE_UNITS = ((GIB, "GiB"), (2**20, "MiB"), (2**10, "KiB"), (1, "B"))
+
+
+def byte_unit(largest: float) -> tuple[int, str]:
+    """(divisor, unit) that shows byte counts up to `largest` in binary units: 1536 -> (1024, 'KiB')."""
+    return next((size, unit) for size, unit in BYTE_UNITS if abs(largest) >= size or size == 1)
+
+
+def human_bytes(count: float | None) -> str:
+    """1536 -> '1.5 KiB' (None: '–')."""
+    if count is None:
+        return "–"
+    size, unit = byte_unit(count)
+    return f"{count:.0f} {unit}" if size == 1 else f"{count / size:.1f} {unit}"

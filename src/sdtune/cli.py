@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import __version__
-from .config import DataConfig, TrainConfig, build, load_config_file
+from .config import GENERATE_STEPS, DataConfig, TrainConfig, build, load_config_file
 from .errors import SdtuneError
 
 METHOD_NAMES = ("lora", "textual-inversion", "dreambooth", "hypernetwork")
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt", default="")
     gen.add_argument("--artifacts", action="append", default=[], metavar="DIR",
                      help="folder to find artifacts in (repeatable; default: the current folder)")
-    gen.add_argument("--steps", type=int, default=50)
+    gen.add_argument("--steps", type=int, default=GENERATE_STEPS)
     gen.add_argument("--guidance", type=float, default=None,
                      help="classifier-free guidance scale (default: the pipeline's, 7.5 on SD1/SD2, 5.0 on SDXL)")
     gen.add_argument("--seed", type=int, default=0)

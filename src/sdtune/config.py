@@ -24,6 +24,8 @@ ADAM_IMPLS = ("auto", "fused", "foreach", "for-loop")
 MAX_PIXELS = 4096
 # torch.manual_seed takes 64-bit seeds; sdtune derives others by adding small offsets, so it keeps to 63 bits.
 MAX_SEED = 2**63 - 1
+# Sampling steps of `sdtune generate` and the UI's Generate tab when none are given (diffusers' own default).
+GENERATE_STEPS = 50
 
 
 def opt(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .config import MAX_PIXELS, MAX_SEED
+from .config import GENERATE_STEPS, MAX_PIXELS, MAX_SEED
 from .errors import SdtuneError
 from .faults import generation_memory_advice
 from .prompt_embeds import pipeline_prompt_kwargs
@@ -42,7 +42,7 @@ class GenerateOptions:
     """diffusers' pipeline defaults unless the user says otherwise."""
 
     negative_prompt: str = ""
-    steps: int = 50
+    steps: int = GENERATE_STEPS
     guidance: float | None = None  # None: the pipeline's own default (7.5 for SD1/SD2, 5.0 for SDXL)
     seed: int = 0
     count: int = 1

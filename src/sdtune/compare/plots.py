@@ -4,11 +4,16 @@ training steps and seconds, and image grids of rows x evaluation prompts."""
 from __future__ import annotations
 
 import io
+import itertools
 
 import numpy as np
 
 BASE_COLOUR = "#9e9e9e"
-COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+# One colour per row in every chart: the standard rows have fixed ones (the same in every report), other rows
+# take the remaining colours in row order.
+ROW_COLOURS = {"base": BASE_COLOUR, "dreambooth": "#1f77b4", "dreambooth-no-prior": "#17becf",
+               "textual-inversion": "#2ca02c", "lora": "#ff7f0e", "hypernetwork": "#9467bd"}
+SPARE_COLOURS = ("#d62728", "#8c564b", "#e377c2", "#bcbd22", "#7f7f7f", "#393b79")
 THUMB = 96  # pixels: largest side of one image in a grid
 
 
@@ -28,44 +33,53 @@ def _png(plt, fig) -> bytes:
     return buffer.getvalue()
 
 
-def colour_of(index: int) -> str:
-    return COLOURS[index % len(COLOURS)]
+def colour_table(names: list[str]) -> dict[str, str]:
+    """Each row name's colour, for every chart of one report."""
+    spare = itertools.cycle(SPARE_COLOURS)
+    return {name: ROW_COLOURS.get(name) or next(spare) for name in names}
 
 
-def bar_chart(title: str, bars: list[tuple[str, float | None, float | None, float | None]], ylabel: str = "",
-              log: bool = False) -> bytes:
-    """One bar per row: (name, value, low, high); low/high draw the interval; None values are left empty.
-    The first bar (the base model) is grey."""
+def bar_chart(title: str, bars: list[tuple[str, float | None, float | None, float | None]], colours: dict[str, str],
+              ylabel: str = "", log: bool = False) -> bytes:
+    """One bar per row: (name, value, low, high); low/high draw the interval; None values are left empty."""
+    plt, fig = bar_figure(title, bars, colours, ylabel, log)
+    return _png(plt, fig)
+
+
+def bar_figure(title: str, bars: list[tuple[str, float | None, float | None, float | None]], colours: dict[str, str],
+               ylabel: str = "", log: bool = False):
+    """bar_chart's (pyplot, figure), before it becomes a PNG."""
     plt, fig = _figure(6.4, 3.4)
     ax = fig.add_subplot()
     names = [b[0] for b in bars]
     values = [np.nan if b[1] is None else b[1] for b in bars]
     low = [0 if b[2] is None or b[1] is None else max(b[1] - b[2], 0) for b in bars]
     high = [0 if b[3] is None or b[1] is None else max(b[3] - b[1], 0) for b in bars]
-    colours = [BASE_COLOUR if i == 0 and name == "base" else colour_of(i) for i, name in enumerate(names)]
-    ax.bar(range(len(bars)), values, color=colours, yerr=[low, high], capsize=4)
+    ax.bar(range(len(bars)), values, color=[colours[name] for name in names], yerr=[low, high], capsize=4)
     ax.set_xticks(range(len(bars)), names, rotation=20, ha="right")
     ax.set_title(title)
     ax.set_ylabel(ylabel)
     if log:
         ax.set_yscale("log")
+    else:  # the numbers as they are: no "1e8" offset above the axis
+        ax.ticklabel_format(axis="y", style="plain", useOffset=False)
     ax.grid(axis="y", alpha=0.3)
-    return _png(plt, fig)
+    return plt, fig
 
 
 def curve_chart(title: str, lines: list[tuple[str, list[tuple[float, float, float | None, float | None, float | None]]]],
-                base: tuple[float | None, float | None, float | None] | None) -> bytes:
+                base: tuple[float | None, float | None, float | None] | None, colours: dict[str, str]) -> bytes:
     """Quality against training steps (left) and seconds (right): per row (name, [(step, seconds, value,
     low, high)]), interval as a band; the base model's value as a dashed line with its band."""
     plt, fig = _figure(9.6, 3.4)
     axes = fig.subplots(1, 2, sharey=True)
     for ax, column, label in ((axes[0], 0, "training steps"), (axes[1], 1, "training seconds")):
-        for index, (name, points) in enumerate(lines):
+        for name, points in lines:
             points = [p for p in points if p[2] is not None]
             if not points:
                 continue
             x = [p[column] for p in points]
-            colour = colour_of(index + 1)
+            colour = colours[name]
             ax.plot(x, [p[2] for p in points], marker="o", color=colour, label=name)
             ax.fill_between(x, [p[3] for p in points], [p[4] for p in points], color=colour, alpha=0.15)
         if base is not None and base[0] is not None:

@@ -1,4 +1,5 @@
-""""Which method when": sentences derived from a comparison's numbers (results.json), never written ahead.
+""""Which method when": a headline and at most MAX_BULLETS sentences derived from a comparison's numbers
+(results.json), never written ahead.
 
 A difference is called one only when the two 95% intervals do not overlap; rows whose intervals overlap
 the best one's are reported as tied with it.
@@ -6,20 +7,16 @@ the best one's are reported as tied with it.
 
 from __future__ import annotations
 
+from ..bench_sizes import human_bytes
+
 SUBJECT_KEYS = ("subject_fidelity", "dino", "clip_i")
 PROMPT_KEYS = ("prompt_fidelity", "clip_t")
 PRIOR_KEY = "prior_preservation"
 REACHED = 0.9  # share of the final subject fidelity that counts as "reached"
-
-
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "–"
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
+# A row is recommended for a small file or a short training only if it is tied with the best subject score or
+# reaches this share of it: a tiny file that did not learn the subject is no answer.
+SMALL_FILE_SHARE = 0.5
+MAX_BULLETS = 6
 
 
 def _q(row: dict, key: str) -> dict | None:
@@ -41,7 +38,11 @@ def _value(est: dict | None) -> str:
 
 
 def _names(rows: list[dict], key: str | None = None) -> str:
-    parts = [f"{r['name']} ({_value(_q(r, key))})" if key else r["name"] for r in rows]
+    return _join([f"{r['name']} ({_value(_q(r, key))})" if key else r["name"] for r in rows])
+
+
+def _join(parts: list[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
@@ -55,31 +56,69 @@ def _key(results: dict, keys: tuple[str, ...]) -> str | None:
 
 
 def reading(results: dict) -> list[str]:
-    """The report's "which method when" bullets."""
-    rows = [r for r in results["rows"] if r.get("quality")]
-    base = next((r for r in rows if r["method"] is None), None)
-    trained = [r for r in rows if r["method"]]
+    """The report's "which method when" bullets (at most MAX_BULLETS: related findings share one)."""
+    trained = [r for r in results["rows"] if r.get("quality") and r["method"]]
     subject = _key(results, SUBJECT_KEYS)
     if not trained:
         return ["No method finished a run, so there is nothing to compare; see the errors in the table."]
     if subject is None:
         missing = "; ".join(sorted(set(results.get("missing_metrics", {}).values())))
         return [f"Quality was not measured ({missing}), so only costs compare: " + _costs(trained)]
-    ranked = sorted(trained, key=lambda r: -_number(_q(r, subject)))
-    learners = [r for r in trained if above(_q(r, subject), _q(base, subject) if base else None)] if base else trained
+    ranked, learners, base = _ranked(results, subject)
     out = [_subject_sentence(ranked, learners, base, subject)]
     if learners:
         out.append(f"Of the rows clearly above the base model, {_costs(learners)}")
-    out += _prior_sentences(trained, base)
-    prompt = _key(results, PROMPT_KEYS)
-    if prompt and base:
-        worse = [r for r in trained if above(_q(base, prompt), _q(r, prompt))]
-        if worse:
-            out.append(f"{_names(worse, prompt)} follow the prompts' other words less well than the base model "
-                       f"({_value(_q(base, prompt))}).")
-    out += _budget_sentences(learners, subject)
-    out += _recommendations(ranked, learners, subject)
+    side = _prior_sentences(trained, base) + _prompt_sentences(results, trained, base)
+    budget = _budget_sentences(learners, subject)
+    out += [" ".join(group) for group in (side, budget) if group]
+    out.append(" ".join(_recommendations(ranked, learners, subject)))
     return out
+
+
+def _ranked(results: dict, subject: str) -> tuple[list[dict], list[dict], dict | None]:
+    """(trained rows best first on `subject`, those clearly above the base model, the base row)."""
+    rows = [r for r in results["rows"] if r.get("quality")]
+    base = next((r for r in rows if r["method"] is None), None)
+    trained = [r for r in rows if r["method"]]
+    ranked = sorted(trained, key=lambda r: -_number(_q(r, subject)))
+    learners = [r for r in trained if above(_q(r, subject), _q(base, subject))] if base else trained
+    return ranked, learners, base
+
+
+def headline(results: dict) -> str:
+    """One sentence: the row best on subject fidelity, what it cost, and which rows are tied with it."""
+    subject = _key(results, SUBJECT_KEYS)
+    if subject is None or not any(r.get("quality") and r["method"] for r in results["rows"]):
+        return "No subject quality was measured, so no method can be called best; the costs are below."
+    ranked, learners, _ = _ranked(results, subject)
+    if not learners:
+        return "No method learned the subject clearly better than the base model with these settings."
+    best = max(learners, key=lambda r: _number(_q(r, subject)))
+    tied = [r for r in ranked if r is not best and r in learners
+            and not above(_q(best, subject), _q(r, subject))]
+    est, cost = _q(best, subject), best.get("cost") or {}
+    spent = [f"{fmt(cost[key]['mean'])}{what}" for key, what, fmt in (
+        ("wall_time_s", " of training", lambda v: f"{v:.0f} s"),
+        ("peak_memory_bytes", " of peak memory", human_bytes),
+        ("artifact_bytes", " file", lambda v: "a " + human_bytes(v))) if cost.get(key)]
+    text = (f"**{best['name']}** learns the subject best ({_label_of(results, subject)} {est['value']:.2f} "
+            f"[{est['low']:.2f}, {est['high']:.2f}])" + (f" for {_join(spent)}" if spent else ""))
+    if tied:
+        text += f"; {_names(tied)} {_are(tied)} tied with it (95% intervals overlap)"
+    return text + "."
+
+
+def _label_of(results: dict, key: str) -> str:
+    return next((m["label"] for m in results["metrics"] if m["key"] == key), key).lower()
+
+
+def _prompt_sentences(results: dict, trained: list[dict], base: dict | None) -> list[str]:
+    prompt = _key(results, PROMPT_KEYS)
+    worse = [r for r in trained if above(_q(base, prompt), _q(r, prompt))] if prompt and base else []
+    if not worse:
+        return []
+    return [f"{_names(worse, prompt)} follow the prompts' other words less well than the base model "
+            f"({_value(_q(base, prompt))})."]
 
 
 def _subject_sentence(ranked: list[dict], learners: list[dict], base: dict | None, key: str) -> str:
@@ -142,19 +181,24 @@ def _prior_sentences(trained: list[dict], base: dict | None) -> list[str]:
 
 
 def _budget_sentences(learners: list[dict], key: str) -> list[str]:
-    out = []
+    """One sentence: the step (and seconds) each learner reached REACHED of its final subject score."""
+    reached, improving = [], []
     for row in learners:
         curve = [p for p in row.get("curve", []) if (p["quality"].get(key) or {}).get("value") is not None]
         if len(curve) < 2:
             continue
         final = curve[-1]["quality"][key]
         first = next(p for p in curve if p["quality"][key]["value"] >= REACHED * final["value"])
-        text = (f"{row['name']} reaches {REACHED:.0%} of its final subject score by step {first['step']} "
-                f"({first['seconds']:.0f} s of {curve[-1]['seconds']:.0f} s)")
+        reached.append(f"{row['name']} by step {first['step']} ({first['seconds']:.0f} s of "
+                       f"{curve[-1]['seconds']:.0f} s)")
         if above(final, curve[-2]["quality"][key]):
-            text += " and was still improving at the end: more steps would likely help"
-        out.append(text + ".")
-    return out
+            improving.append(row)
+    if not reached:
+        return []
+    text = f"{REACHED:.0%} of the final subject score is reached: " + "; ".join(reached) + "."
+    if improving:
+        text += f" {_names(improving)} {_are(improving)} still improving at the end: more steps would likely help."
+    return [text]
 
 
 def _recommendations(ranked: list[dict], learners: list[dict], key: str) -> list[str]:
@@ -169,20 +213,35 @@ def _recommendations(ranked: list[dict], learners: list[dict], key: str) -> list
         keeper = max(kept, key=lambda r: _q(r, PRIOR_KEY)["value"])
         text += f"; of these {keeper['name']} keeps the class word best ({_value(_q(keeper, PRIOR_KEY))})"
     out = [text + "."]
-    sized = [r for r in learners if (r.get("cost") or {}).get("artifact_bytes")]
-    if sized:
-        small = min(sized, key=lambda r: r["cost"]["artifact_bytes"]["mean"])
-        share = _q(small, key)["value"] / max(_q(best, key)["value"], 1e-9)
-        out.append(f"**When the file must be small**: {small['name']} "
-                   f"({human_bytes(small['cost']['artifact_bytes']['mean'])}, {share:.0%} of the best subject score).")
     kept = [r for r in learners if _q(r, PRIOR_KEY) and _q(r, PRIOR_KEY)["value"] is not None]
     if kept:
         keeper = max(kept, key=lambda r: _q(r, PRIOR_KEY)["value"])
         out.append(f"**When the class word must keep its meaning**: {keeper['name']} "
                    f"(prior preservation {_value(_q(keeper, PRIOR_KEY))}).")
-    timed = [r for r in learners if (r.get("cost") or {}).get("wall_time_s")]
-    if timed:
-        quick = min(timed, key=lambda r: r["cost"]["wall_time_s"]["mean"])
-        out.append(f"**When training time is short**: {quick['name']} "
-                   f"({quick['cost']['wall_time_s']['mean']:.0f} s, subject score {_value(_q(quick, key))}).")
-    return out
+    cheap = [text for cost, need, fmt in (("artifact_bytes", "the file must be small", human_bytes),
+                                          ("wall_time_s", "training time is short", lambda v: f"{v:.0f} s"))
+             for text in _cheapest(learners, best, key, cost, need, fmt)]
+    if cheap:
+        cheap.append(f"(Those two picks consider only rows tied with the best subject score or reaching "
+                     f"{SMALL_FILE_SHARE:.0%} of it.)")
+    return out + cheap
+
+
+def _cheapest(learners: list[dict], best: dict, key: str, cost: str, need: str, fmt) -> list[str]:
+    """The row lowest on `cost` among those tied with the best subject score or reaching SMALL_FILE_SHARE of
+    it (a cheap row that did not learn the subject is no answer); names a cheaper row left out and why."""
+    def spent(row: dict) -> float:
+        return row["cost"][cost]["mean"]
+
+    def share(row: dict) -> float:
+        return _q(row, key)["value"] / max(_q(best, key)["value"], 1e-9)
+
+    have = [r for r in learners if (r.get("cost") or {}).get(cost)]
+    fit = [r for r in have if share(r) >= SMALL_FILE_SHARE or not above(_q(best, key), _q(r, key))]
+    if not fit:
+        return []
+    pick, cheapest = min(fit, key=spent), min(have, key=spent)
+    text = f"**When {need}**: {pick['name']} ({fmt(spent(pick))}, {share(pick):.0%} of the best subject score)"
+    if cheapest is not pick:
+        text += f"; {cheapest['name']} costs less ({fmt(spent(cheapest))}) but reaches only {share(cheapest):.0%}"
+    return [text + "."]

@@ -107,6 +107,18 @@ def training_defaults(model: str, method: str) -> dict:
     return out
 
 
+def command_defaults(model: str, method: str) -> dict:
+    """Every data, train and METHOD setting `sdtune train METHOD` uses on `model` without a flag or config file:
+    the config classes' field defaults under training_defaults (the UI shows and trains with these too)."""
+    from dataclasses import asdict
+
+    from .. import methods
+
+    fields = {"data": asdict(DataConfig()), "train": asdict(TrainConfig()),
+              method: asdict(methods.get(method).config_class())}
+    return merge(fields, training_defaults(model, method))
+
+
 def describe_defaults(defaults: dict) -> str:
     """The defaults as `--help` states them: 'steps 400, lr 0.005, ...'."""
     return ", ".join(f"{key} {value}" for section in defaults.values() for key, value in section.items())

@@ -10,10 +10,12 @@ import numpy as np
 import yaml
 
 from ..artifacts import atomic_write_via
+from ..bench_sizes import byte_unit, human_bytes
 from . import plots
 from .document import Block, Bullets, Code, Figure, Heading, Paragraph, Table, to_html, to_markdown
-from .reading import human_bytes, reading
+from .reading import headline, reading
 from .sampling import load_samples
+from .usage import trained_files, where_text
 
 TITLE = "sdtune compare: DreamBooth, Textual Inversion, LoRA and Hypernetwork on one subject"
 COSTS = (("wall_time_s", "Train time", False), ("peak_memory_bytes", "Peak memory", False),
@@ -37,11 +39,13 @@ def _write(path: Path, text: str) -> Path:
 
 
 def build_blocks(results: dict, out: Path) -> list[Block]:
-    """The report, top to bottom: what ran, the table, the reading, charts, curves, images, settings, machine."""
+    """The report, top to bottom: what ran, the table, the reading, charts, curves, images, trained files,
+    settings, machine."""
     metrics = results["metrics"]
     blocks: list[Block] = [Heading(1, TITLE), Paragraph(_summary(results)), Heading(2, "Results"),
                            _table(results), Bullets(_notes(results)), Heading(2, "Which method when"),
-                           Bullets(reading(results)), Heading(2, "Quality and cost per method")]
+                           Paragraph(headline(results)), Bullets(reading(results)),
+                           Heading(2, "Quality and cost per method")]
     blocks += [_quality_bar(results, m) for m in metrics if m["key"] not in results["missing_metrics"]]
     blocks += [_cost_bar(results, key, label, log) for key, label, log in COSTS]
     blocks += [Heading(2, "Quality against training budget"),
@@ -49,6 +53,8 @@ def build_blocks(results: dict, out: Path) -> list[Block]:
                          "its budget are separate questions. Bands are 95% intervals; dashed: the base model.")]
     blocks += [_curves(results, m) for m in metrics if m["key"] not in results["missing_metrics"]]
     blocks += [Heading(2, "Images"), *_grids(results, out)]
+    blocks += [Heading(2, "Trained files and how to use them"), Paragraph(where_text(results)),
+               Bullets(trained_files(results, out))]
     blocks += [Heading(2, "Settings"), Code(yaml.safe_dump(_settings(results), sort_keys=False, width=110)),
                Heading(2, "Machine and versions"), Bullets(_machine(results))]
     return blocks
@@ -118,22 +124,37 @@ def _label(results: dict, key: str) -> str:
     return next((m["label"] for m in results["metrics"] if m["key"] == key), key)
 
 
+def _colours(results: dict) -> dict[str, str]:
+    return plots.colour_table([r["name"] for r in results["rows"]])
+
+
 def _quality_bar(results: dict, metric: dict) -> Figure:
     bars = [(r["name"], *_triple(r["quality"].get(metric["key"]))) for r in results["rows"] if r.get("quality")]
-    return Figure(metric["label"], f"charts/{metric['key']}.png", plots.bar_chart(f"{metric['label']} (higher is "
-                                                                                  "better; 95% intervals)", bars))
+    chart = plots.bar_chart(f"{metric['label']} (higher is better; 95% intervals)", bars, _colours(results))
+    return Figure(metric["label"], f"charts/{metric['key']}.png", chart)
 
 
 def _triple(est: dict | None) -> tuple:
     return (None, None, None) if not est else (est["value"], est["low"], est["high"])
 
 
-def _cost_bar(results: dict, key: str, label: str, log: bool) -> Figure:
+BYTE_COSTS = ("peak_memory_bytes", "artifact_bytes")
+
+
+def cost_series(results: dict, key: str, label: str) -> tuple[str, list[tuple]]:
+    """(title with its unit, bars as (name, mean, min, max)) of one cost; byte counts in KiB/MiB/GiB."""
     bars = [(r["name"], s["mean"], s["min"], s["max"]) for r in results["rows"]
             if (s := (r.get("cost") or {}).get(key))]
-    title = {"wall_time_s": "Train time (s)", "peak_memory_bytes": "Peak memory (bytes)",
-             "artifact_bytes": "Artifact size (bytes)"}.get(key, label)
-    return Figure(label, f"charts/cost_{key}.png", plots.bar_chart(title + (", log scale" if log else ""), bars, log=log))
+    if key not in BYTE_COSTS:
+        return {"wall_time_s": "Train time (s)"}.get(key, label), bars
+    divisor, unit = byte_unit(max((b[3] for b in bars), default=1))
+    return f"{label} ({unit})", [(name, *(v / divisor for v in values)) for name, *values in bars]
+
+
+def _cost_bar(results: dict, key: str, label: str, log: bool) -> Figure:
+    title, bars = cost_series(results, key, label)
+    chart = plots.bar_chart(title + (", log scale" if log else ""), bars, _colours(results), ylabel=title, log=log)
+    return Figure(label, f"charts/cost_{key}.png", chart)
 
 
 def _curves(results: dict, metric: dict) -> Figure:
@@ -141,25 +162,36 @@ def _curves(results: dict, metric: dict) -> Figure:
     base = next((r for r in results["rows"] if r["method"] is None and r.get("quality")), None)
     lines = [(r["name"], [(p["step"], p["seconds"], *_triple(p["quality"].get(key))) for p in r["curve"]])
              for r in results["rows"] if r["method"] and r.get("curve")]
-    chart = plots.curve_chart(metric["label"], lines, _triple(base["quality"].get(key)) if base else None)
+    chart = plots.curve_chart(metric["label"], lines, _triple(base["quality"].get(key)) if base else None,
+                              _colours(results))
     return Figure(f"{metric['label']} along the run", f"charts/curve_{key}.png", chart)
+
+
+# (kind, images and prompt-index keys of a samples file, title) of the two image grids.
+GRIDS = (("subject", "subject", "subject_prompt", "Subject prompts (the subject's token in a new scene)"),
+         ("class", "class_images", "class_prompt", "Class prompts (prior preservation: no token)"))
 
 
 def _grids(results: dict, out: Path) -> list[Block]:
     """Rows x evaluation prompts (first seed, last step), for the subject prompts and the class prompts."""
     rows = [r for r in results["rows"] if r.get("samples") and (out / r["samples"]).is_file()]
     if not rows:
-        return [Paragraph("No evaluation images were found beside this report.")]
+        return _earlier_grids(out) or [Paragraph("No evaluation images were found beside this report.")]
     samples = [load_samples(out / r["samples"]) for r in rows]
     names = [r["name"] for r in rows]
     blocks: list[Block] = []
-    for kind, images_key, index_key, title in (
-            ("subject", "subject", "subject_prompt", "Subject prompts (the subject's token in a new scene)"),
-            ("class", "class_images", "class_prompt", "Class prompts (prior preservation: no token)")):
+    for kind, images_key, index_key, title in GRIDS:
         prompts = results["evaluation"]["prompts" if kind == "subject" else "class_prompts"]
         cells = [[_cell(s[images_key], s[index_key], j) for j in range(len(prompts))] for s in samples]
         blocks.append(Figure(title, f"charts/grid_{kind}.png", plots.image_grid(title, names, prompts, cells)))
     return blocks
+
+
+def _earlier_grids(out: Path) -> list[Block]:
+    """The grids an earlier report left beside this one, when the evaluation images are gone (a report
+    rebuilt from results.json alone, as the committed docs/compare one is)."""
+    found = [(title, out / f"charts/grid_{kind}.png") for kind, _, _, title in GRIDS]
+    return [Figure(title, str(path.relative_to(out)), path.read_bytes()) for title, path in found if path.is_file()]
 
 
 def _cell(images: np.ndarray, index: np.ndarray, prompt: int) -> np.ndarray | None:

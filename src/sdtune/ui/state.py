@@ -75,6 +75,11 @@ class Workspace:
         """Where prompts' <lora:…>/<hypernet:…>/embedding names are looked up, in this order."""
         return [self.runs, self.uploads, *map(Path, self.extra_artifact_dirs)]
 
+    def listed_dirs(self) -> list[Path]:
+        """What the Artifacts tab lists: the prompt's folders plus the comparisons' trained files (runs/ROW/
+        seed-S/artifact/, one per row and seed: many share a name, so prompts do not look there)."""
+        return [*self.artifact_dirs(), self.comparisons]
+
     def image_folders(self) -> list[str]:
         """Image folders already in the workspace (uploads, the builtin subject)."""
         return sorted(str(p) for p in self.images.iterdir() if p.is_dir())

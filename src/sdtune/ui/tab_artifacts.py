@@ -51,16 +51,21 @@ def build(state: UIState) -> None:
 
 
 def artifact_rows(state: UIState) -> list[list[str]]:
-    root = state.workspace.root
-    rows = []
-    for entry in scan(state.workspace.artifact_dirs()):
-        shown = entry.path.relative_to(root) if entry.path.is_relative_to(root) else entry.path
-        rows.append([entry.name, entry.kind, entry.layout, str(shown)])
+    """The table: every artifact of the workspace (trainings, comparisons, added files) and the extra folders."""
+    rows = [[entry.name, entry.kind, entry.layout, _shown(state, entry.path)]
+            for entry in scan(state.workspace.listed_dirs())]
     return rows or [["", "", "no artifacts yet: train one or add files", ""]]
 
 
 def artifact_choices(state: UIState) -> list[tuple[str, str]]:
-    return [(entry.label, str(entry.path)) for entry in scan(state.workspace.artifact_dirs())]
+    """(label, path): the path relative to the workspace tells a comparison's seeds apart."""
+    return [(f"{entry.name} · {entry.kind} · {_shown(state, entry.path)}", str(entry.path))
+            for entry in scan(state.workspace.listed_dirs())]
+
+
+def _shown(state: UIState, path: Path) -> str:
+    root = state.workspace.root
+    return str(path.relative_to(root) if path.is_relative_to(root) else path)
 
 
 def default_output(path: str | None, target: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from ..config import GENERATE_STEPS
 from ..errors import SdtuneError
 from .app import UIState, notice
 from .library import insert_syntax, scan
@@ -28,8 +29,8 @@ def build(state: UIState) -> None:
                     with gr.Column(scale=1, min_width=100):
                         refresh = gr.Button("Refresh list", size="md", elem_id="gen-refresh")
                 with gr.Row():
-                    steps = gr.Number(25, label="Steps", precision=0, minimum=1, elem_id="gen-steps")
-                    guidance = gr.Number(7.5, label="Guidance", elem_id="gen-guidance")
+                    steps = gr.Number(GENERATE_STEPS, label="Steps", precision=0, minimum=1, elem_id="gen-steps")
+                    guidance = gr.Number(None, label="Guidance (empty: the model's own)", elem_id="gen-guidance")
                     seed = gr.Number(0, label="Seed", precision=0, minimum=0, elem_id="gen-seed")
                     count = gr.Number(4, label="Images", precision=0, minimum=1, maximum=16, elem_id="gen-count")
                     scheduler = gr.Dropdown(["(model default)", *SCHEDULERS], value="(model default)",

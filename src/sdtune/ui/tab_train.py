@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import html
 import time
 import uuid
@@ -15,6 +14,11 @@ from .training import TrainRequest, TrainStatus
 
 POLL_SECONDS = 0.5
 BUILTIN_SUBJECT = "builtin-subject"
+# The page's own choices (the CLI's default is 0 for both): validation images to watch as it trains, and a
+# checkpoint that "Resume" and Cancel keep.
+CHECKPOINT_EVERY = 50
+VALIDATION_EVERY = 50
+FIRST_METHOD = "lora"
 
 
 def build(state: UIState) -> None:
@@ -22,6 +26,7 @@ def build(state: UIState) -> None:
 
     from ..methods import registry
 
+    shown = defaults(state.models.spec, FIRST_METHOD)
     with gr.Tab("Train", id="train", elem_id="tab-train"):
         with gr.Row():
             with gr.Column(scale=5):
@@ -33,21 +38,23 @@ def build(state: UIState) -> None:
                     with gr.Column(scale=1, min_width=120):
                         builtin = gr.Button("Builtin subject", size="md", elem_id="train-builtin")
                 with gr.Row():
-                    method = gr.Dropdown(list(registry()), value="lora", label="Method", elem_id="train-method")
-                    token = gr.Textbox("sks", label="Token", elem_id="train-token")
+                    method = gr.Dropdown(list(registry()), value=FIRST_METHOD, label="Method", elem_id="train-method")
+                    token = gr.Textbox(shown["token"], label="Token", elem_id="train-token")
                     class_word = gr.Textbox("", label="Class word", elem_id="train-class")
                     name = gr.Textbox("", label="Name (default: the token)", elem_id="train-name")
                 with gr.Row():
-                    steps = gr.Number(200, label="Steps", precision=0, minimum=1, elem_id="train-steps")
-                    lr = gr.Number(1e-4, label="Learning rate", elem_id="train-lr")
-                    batch = gr.Number(1, label="Batch size", precision=0, minimum=1, elem_id="train-batch")
-                    seed = gr.Number(0, label="Seed", precision=0, minimum=0, elem_id="train-seed")
+                    steps = gr.Number(shown["steps"], label="Steps", precision=0, minimum=1, elem_id="train-steps")
+                    lr = gr.Number(shown["lr"], label="Learning rate", elem_id="train-lr")
+                    batch = gr.Number(shown["batch_size"], label="Batch size", precision=0, minimum=1,
+                                      elem_id="train-batch")
+                    seed = gr.Number(shown["seed"], label="Seed", precision=0, minimum=0, elem_id="train-seed")
                 with gr.Row():
-                    every = gr.Number(50, label="Checkpoint every", precision=0, minimum=0, elem_id="train-ckpt")
-                    validate = gr.Number(50, label="Validation image every", precision=0, minimum=0,
+                    every = gr.Number(CHECKPOINT_EVERY, label="Checkpoint every", precision=0, minimum=0,
+                                      elem_id="train-ckpt")
+                    validate = gr.Number(VALIDATION_EVERY, label="Validation image every", precision=0, minimum=0,
                                          elem_id="train-validate")
                     resume = gr.Checkbox(False, label="Resume the latest checkpoint", elem_id="train-resume")
-                settings = gr.Code(method_settings_yaml("lora"), language="yaml", label="Method settings",
+                settings = gr.Code(shown["settings"], language="yaml", label="Method settings",
                                    elem_id="train-settings", lines=6)
                 with gr.Row():
                     start = gr.Button("Start training", variant="primary", elem_id="train-start")
@@ -55,7 +62,7 @@ def build(state: UIState) -> None:
                 message = gr.HTML("", elem_id="train-notice")
             with gr.Column(scale=4):
                 progress = gr.HTML(progress_html(state.trainer.status()), elem_id="train-progress")
-                plot = gr.LinePlot(_loss_frame([]), x="step", y="loss", title="Training loss", height=220,
+                plot = gr.LinePlot(loss_frame([]), x="step", y="loss", title="Training loss", height=220,
                                    y_axis_format=".2f", x_axis_format="d", elem_id="train-loss")
                 gallery = gr.Gallery(label="Validation images", columns=4, height=260, object_fit="contain",
                                      elem_id="train-validation")
@@ -64,20 +71,28 @@ def build(state: UIState) -> None:
 
     upload.upload(lambda files: _save_upload(state, files), inputs=upload, outputs=[folder, message])
     builtin.click(lambda: _builtin_subject(state), outputs=[folder, token, class_word])
-    method.change(method_settings_yaml, inputs=method, outputs=settings)
+    method.change(lambda name: tuple(defaults(state.models.spec, name)[key] for key in SHOWN), inputs=method,
+                  outputs=[token, steps, lr, batch, seed, settings])
     inputs = [method, folder, token, class_word, name, steps, lr, batch, seed, every, validate, resume, settings]
     start.click(lambda *values: _start(state, *values), inputs=inputs, outputs=message)
     cancel.click(lambda: notice(state.trainer.cancel()), outputs=message)
     timer.tick(lambda last: _poll(state, last), inputs=seen, outputs=[progress, plot, gallery, seen])
 
 
-def method_settings_yaml(method: str) -> str:
-    """The method's settings with their defaults, as YAML the user edits."""
+TRAIN_SHOWN = ("steps", "lr", "batch_size", "seed")  # the train settings the form has a field for
+SHOWN = ("token", *TRAIN_SHOWN, "settings")
+
+
+def defaults(model: str, method: str) -> dict:
+    """What the form shows for `method` on `model`: the values `sdtune train` uses without flags (one home:
+    recipes.command_defaults), the method's settings as YAML the user edits."""
     import yaml
 
-    from ..methods import get
+    from ..compare.recipes import command_defaults
 
-    return yaml.safe_dump(dataclasses.asdict(get(method).config_class()), sort_keys=False)
+    values = command_defaults(model, method)
+    return {"token": values["data"]["token"], **{key: values["train"][key] for key in TRAIN_SHOWN},
+            "settings": yaml.safe_dump(values[method], sort_keys=False)}
 
 
 def _parse_settings(text: str, method: str) -> dict:
@@ -117,7 +132,7 @@ def _poll(state: UIState, last: str):
     if key == last:
         return gr.skip(), gr.skip(), gr.skip(), gr.skip()
     images = [(str(p), f"step {int(p.stem.removeprefix('step-'))}") for p in status.validation]
-    return progress_html(status), _loss_frame(status.losses), images, key
+    return progress_html(status), loss_frame(status.losses), images, key
 
 
 def progress_html(status: TrainStatus) -> str:
@@ -137,10 +152,12 @@ def progress_html(status: TrainStatus) -> str:
             f'<div class="sd-progress-text">{text}</div>{message}</div>')
 
 
-def _loss_frame(losses: list[tuple[int, float]]):
+def loss_frame(losses: list[tuple[int, float]]):
+    """(step, loss) as numeric columns: an object column (what pandas makes of an empty list) turns the plot's
+    axis into categories, one tick per value in sorted order, with the y axis upside down."""
     import pandas as pd
 
-    return pd.DataFrame(losses, columns=["step", "loss"])
+    return pd.DataFrame(losses, columns=["step", "loss"]).astype({"step": "int64", "loss": "float64"})
 
 
 def _save_upload(state: UIState, files) -> tuple:

@@ -110,7 +110,7 @@ class TrainingRunner:
             if self._job is not None and self._job.running:
                 raise SdtuneError(f"A training ({self._job.name}) is already running; wait for it to finish "
                                   "or cancel it before starting another.")
-            configs = build_configs(request)
+            configs = build_configs(request, self.models.spec)
             request.name = outputs.check_name(request.name.strip() or default_name(configs[2].token), "Name")
             out_dir = self.runs_dir / request.name
             method_cls, method_cfg, _, train_cfg = configs
@@ -157,9 +157,11 @@ class TrainingRunner:
             job.finish("failed", unexpected("Training", exc))
 
 
-def build_configs(request: TrainRequest) -> tuple:
-    """(method class, method config, DataConfig, TrainConfig) validated exactly as the CLI validates flags."""
+def build_configs(request: TrainRequest, model: str = "") -> tuple:
+    """(method class, method config, DataConfig, TrainConfig) validated exactly as the CLI validates flags, over
+    the defaults `sdtune train` has on `model` (the builtin recipe on the builtin model)."""
     from .. import methods
+    from ..compare.recipes import merge, training_defaults
     from ..config import DataConfig, TrainConfig, build
     from ..data import load_image_folder
 
@@ -167,9 +169,11 @@ def build_configs(request: TrainRequest) -> tuple:
     images = request.images.strip()
     if not images:
         raise SdtuneError("Choose an image folder or upload images before starting a training.")
+    defaults = training_defaults(model, request.method)
     data_values = {"images": images, "token": request.token.strip(), "class_word": request.class_word.strip()}
-    data_cfg = build(DataConfig, data_values, "data")
-    train_cfg = build(TrainConfig, dict(request.train), "train")
-    method_cfg = build(method_cls.config_class, dict(request.method_settings), request.method)
+    data_cfg = build(DataConfig, merge(defaults.get("data", {}), data_values), "data")
+    train_cfg = build(TrainConfig, merge(defaults.get("train", {}), dict(request.train)), "train")
+    method_cfg = build(method_cls.config_class, merge(defaults.get(request.method, {}), dict(request.method_settings)),
+                       request.method)
     load_image_folder(data_cfg.images)  # bad images fail now, before a model is loaded
     return method_cls, method_cfg, data_cfg, train_cfg
