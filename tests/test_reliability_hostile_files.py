@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdtune.artifacts import describe_artifact, flatten_tensors, load_artifact
+from sdtune.artifacts import flatten_tensors, load_artifact
 from sdtune.cli import main
 from sdtune.errors import SdtuneError
 from sdtune.fuzz_inputs import deep_pickle, laughs, torch_zip_with_pickle
