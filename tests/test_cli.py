@@ -143,3 +143,26 @@ def test_convert_without_model_uses_the_base_model_its_run_card_names(tmp_path, 
 
     original, returned = load_file(out / "sks.safetensors"), load_file(back)
     assert original.keys() == returned.keys() and all(torch.equal(original[k], returned[k]) for k in original)
+
+
+def test_a_misspelled_embedding_word_is_refused_instead_of_read_as_text(tmp_path, capsys):
+    argv = ["generate", "--model", "tiny:sd1", "--steps", "1", "--artifacts", str(tmp_path),
+            "--output", str(tmp_path / "x.png"), "--prompt"]
+    err = _run_error(capsys, [*argv, "a <skss-1> square"])
+    assert "<skss-1>" in err and str(tmp_path) in err and not (tmp_path / "x.png").exists()
+    assert main([*argv, "a <|endoftext|> square"]) == 0  # a word the tokenizer holds is no misspelling
+
+
+def test_output_piped_into_a_closed_reader_ends_quietly(tmp_path):
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    artifact = tmp_path / "a.safetensors"
+    save_file({f"t{i}": torch.zeros(1) for i in range(200)}, artifact)
+    child = subprocess.Popen([sys.executable, "-m", "sdtune.cli", "inspect", str(artifact)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()  # like `| head` exiting before sdtune writes
+    err = child.stderr.read().decode()
+    assert child.wait() == 141 and "Traceback" not in err and err == "", err

@@ -33,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sdtune: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`sdtune inspect F | head`): stop quietly, as shell tools do
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush must not fail again
+        return 141
     except Exception as exc:  # a bug, not bad input: one line, code 1; --debug shows the traceback
         if args.debug:
             raise

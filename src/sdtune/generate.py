@@ -168,9 +168,26 @@ def activate_embeddings(model, texts: list[str], artifact_dirs: list[Path],
         method.apply(model, vectors, name=name)
         active.add(name.lower())
         report(f"using embedding {path} ({_plural(next(iter(vectors.values())).shape[0], 'vector')})")
+    _refuse_unknown_new_words(model, texts, active, artifact_dirs)
     for name in active:
         texts = [_word_pattern(name).sub(lambda _, n=name: n, t) for t in texts]
     return texts
+
+
+# How a learned word is written (diffusers' "<cat-toy>"); artifact tags such as <lora:x:1> carry a colon.
+NEW_WORD = re.compile(r"<[^<>:\s]+>")
+
+
+def _refuse_unknown_new_words(model, texts: list[str], active: set[str], artifact_dirs: list[Path]) -> None:
+    """A misspelled embedding would be read as plain text, silently; refuse a <word> that no embedding found
+    answers to and that the tokenizers do not already hold as one token."""
+    for word in (w for text in texts for w in NEW_WORD.findall(text)):
+        known = word.lower() in active or any(len(tok.encode(word, add_special_tokens=False)) == 1
+                                              for tok in model.tokenizers)
+        if not known:
+            folders = ", ".join(map(str, artifact_dirs)) or "the artifact folders"
+            raise SdtuneError(f"The prompt names {word}, but no embedding in {folders} answers to it; check the "
+                              "spelling, or pass the folder that holds it with --artifacts.")
 
 
 def _word_pattern(name: str) -> re.Pattern:
