@@ -293,8 +293,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(model, method, method_cfg, train_cfg, data_cfg, Path(args.output), name, progress=not args.quiet)
     for path in result.paths:
         print(path)
+    # stdout holds only the paths (scripts read them); the hint goes with the other messages.
     print(f"generate with: sdtune generate {method.usage(args.model, Path(args.output), name, data_cfg.token)} "
-          f"--output {name}.png")
+          f"--output {name}.png", file=sys.stderr)
     return 0
 
 
