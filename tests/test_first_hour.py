@@ -57,7 +57,7 @@ def test_textual_inversion_with_no_other_flag_trains_and_generates_by_the_word_t
     folder = _subject(tmp_path, capsys)
     out = tmp_path / "out"
     assert main(["train", "textual-inversion", "--model", "builtin", "--images", str(folder),
-                 "--class-word", "circle", "--output", str(out), "--quiet"]) == 0
+                 "--class-word", "circle", "--output", str(out)]) == 0
     printed = capsys.readouterr().err.strip().splitlines()
     assert printed[-1].startswith("generate with: sdtune generate ")
     argv = shlex.split(printed[-1].removeprefix("generate with: sdtune "))

@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--output", required=True, help="folder for the artifact, checkpoints and logs")
         p.add_argument("--name", help="artifact name (default: the token, made file-name safe)")
         p.add_argument("--config", help="YAML or TOML file with data/train/<method> sections; flags override it")
-        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.add_argument("--quiet", action="store_true", help="no progress and no hints: only the written paths")
         _add_dataclass_args(p, DataConfig)
         _add_dataclass_args(p, TrainConfig)
         cfg_cls = _method_config_class(method)
@@ -293,7 +293,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(model, method, method_cfg, train_cfg, data_cfg, Path(args.output), name, progress=not args.quiet)
     for path in result.paths:
         print(path)
-    # stdout holds only the paths (scripts read them); the hint goes with the other messages.
+    if args.quiet:
+        return 0
+    # stdout holds only the paths (scripts read them); the hint goes with the progress messages.
     print(f"generate with: sdtune generate {method.usage(args.model, Path(args.output), name, data_cfg.token)} "
           f"--output {name}.png", file=sys.stderr)
     return 0
