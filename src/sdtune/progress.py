@@ -59,14 +59,17 @@ class Lines:
         self._postfix = ""
 
     def update(self, n: int = 1) -> None:
+        """Count `n` more; write a line when one is due (and at the end)."""
         self.n += n
         if self._throttle.due(self.n, self._clock()) or self.n >= self.total:
             self._write()
 
     def set_postfix(self, **values) -> None:
+        """Values the next line shows after the count (e.g. loss)."""
         self._postfix = " ".join(f"{k} {v}" for k, v in values.items())
 
     def close(self) -> None:
+        """Say where a run that stopped early got to."""
         if self.n < self.total:  # stopped early: say where
             self._write()
 

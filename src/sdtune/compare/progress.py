@@ -19,7 +19,6 @@ from ..progress import LINE_SECONDS, duration, is_terminal
 TRAIN_PASSES = 3  # forward + backward of one training sample
 CFG_PASSES = 2  # classifier-free guidance: conditional + unconditional
 START, SAMPLE, CLASS = "start", "sample", "class images"  # kinds of work besides "train:METHOD"
-UNITS = {START: "job", SAMPLE: "image step", CLASS: "image step", "train": "sample"}
 PASSES = {START: 0.0, SAMPLE: CFG_PASSES, CLASS: CFG_PASSES, "train": TRAIN_PASSES}  # prior cost per unit
 
 
@@ -117,7 +116,6 @@ class Board:
         self._work: JobWork | None = None
         self._done: dict[str, float] = {}  # units of the current job done so far
         self._mark = self._started  # when the current job's last progress was credited
-        self._what = ""
         self._bar = self._terminal_bar() if enabled and is_terminal(self._stream) else None
         self._last_line = self._started
 
@@ -157,6 +155,7 @@ class Board:
         self._work = None
 
     def close(self) -> None:
+        """Leave the terminal bar where it ended."""
         if self._bar is not None:
             self._bar.close()
 
