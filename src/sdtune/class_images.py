@@ -114,15 +114,13 @@ def _generate(model, folder: Path, prompts: list[str], seeds: list[int], base: s
               resolution: int, steps: int, progress: bool) -> list[Generated]:
     """Generate one image per seed (batched) with the seed's prompt, saving each with its manifest entry as
     it is done."""
-    from tqdm.auto import tqdm
-
     from .artifacts import atomic_write_via
+    from .progress import bar as progress_bar
 
     pipe = model.pipeline()
-    pipe.set_progress_bar_config(disable=True)
     device, dtype = model.unet.device, model.unet.dtype
     made: list[Generated] = []
-    with tqdm(total=len(seeds), desc="class images", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+    with progress_bar(len(seeds), desc="class images", unit="img", enabled=progress) as bar:
         for start in range(0, len(seeds), BATCH):
             chunk = seeds[start: start + BATCH]
             generators = [torch.Generator().manual_seed(s) for s in chunk]

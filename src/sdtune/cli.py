@@ -12,6 +12,7 @@ from typing import NoReturn
 from . import __version__
 from .config import GENERATE_STEPS, DataConfig, TrainConfig, build, load_config_file
 from .errors import SdtuneError
+from .progress import quiet_libraries
 
 METHOD_NAMES = ("lora", "textual-inversion", "dreambooth", "hypernetwork")
 MAX_STEPS_VARIABLE = "SDTUNE_MAX_STEPS"
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        _quiet_libraries()
+        quiet_libraries()
         return args.handler(args) or 0
     except SdtuneError as exc:
         print(f"sdtune: error: {exc}", file=sys.stderr)
@@ -45,23 +46,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sdtune: error: {type(exc).__name__}: {reason} (rerun as 'sdtune --debug ...' for the traceback)",
               file=sys.stderr)
         return 1
-
-
-def _quiet_libraries() -> None:
-    """Library loading bars and warnings would bury sdtune's own one-line messages."""
-    import os
-    import warnings
-
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    for library in (diffusers_logging, transformers_logging):
-        library.set_verbosity_error()
-        library.disable_progress_bar()
 
 
 class _Parser(argparse.ArgumentParser):

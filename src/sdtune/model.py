@@ -79,13 +79,18 @@ class SDModel:
 
         scheduler = scheduler or self.scheduler
         if self.family == "sdxl":
-            return StableDiffusionXLPipeline(
+            pipe = StableDiffusionXLPipeline(
                 vae=self.vae, text_encoder=self.text_encoders[0], text_encoder_2=self.text_encoders[1],
                 tokenizer=self.tokenizers[0], tokenizer_2=self.tokenizers[1], unet=self.unet,
                 scheduler=scheduler)
-        return StableDiffusionPipeline(
-            vae=self.vae, text_encoder=self.text_encoders[0], tokenizer=self.tokenizers[0], unet=self.unet,
-            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        else:
+            pipe = StableDiffusionPipeline(
+                vae=self.vae, text_encoder=self.text_encoders[0], tokenizer=self.tokenizers[0], unet=self.unet,
+                scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        # sdtune shows its own progress (or none with --quiet); diffusers' per-image bars would interleave with
+        # it, and be carriage-return noise in a log (a training run's validation images among them)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
     def fingerprint(self) -> str:
         """Short, cheap identity of the base weights: configs plus a sample of each component's tensors."""

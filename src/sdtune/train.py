@@ -349,9 +349,9 @@ def run_card(method, model, train_cfg, data_cfg, method_cfg, wall: float, peak: 
 
 
 def _progress(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
+    from .progress import bar  # a bar on a terminal, plain lines with step, loss, steps/s and ETA in a log
 
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
+    return bar(total, initial, "train", "step", enabled)
 
 
 def _tensorboard(out_dir: Path, cfg: TrainConfig, is_main: bool):

@@ -3,7 +3,8 @@ the base model as it is), then generate its evaluation images at each evaluation
 
 `python -m sdtune.compare.worker` reads the job (JSON) on stdin and writes the run folder `job["out"]`
 atomically: job.json, result.json, step-NNNNNN.npz per evaluation point and the trained artifact.
-Progress goes to stdout as `@@sdtune {json}` lines for the parent's single progress display.
+Progress goes to stdout as `@@sdtune {json}` lines for the parent's single progress display; stderr is the
+run's log (OUTPUT/logs/ROW-seed-S.log): its losses, a line per tenth of the run or minute, without library bars.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ def emit(**event) -> None:
 def main() -> int:
     from ..artifacts import atomic_output_dir
     from ..errors import SdtuneError
+    from ..progress import quiet_libraries
 
+    quiet_libraries()
     job = json.loads(sys.stdin.read())
     try:
         with atomic_output_dir(job["out"]) as folder:
@@ -46,6 +49,7 @@ def run_class_images(job: dict) -> dict:
 
     started = time.time()
     model = load(job["model"], config=job["model_config"])
+    emit(event="ready")
     records = prepare(model, _data_config(job), Path(job["data"]["class_images"]), progress=False)
     return {"count": len(records), "seconds": time.time() - started}
 
@@ -55,6 +59,7 @@ def run_row(job: dict, folder: Path) -> dict:
     from ..model import load
 
     model = load(job["model"], config=job["model_config"])
+    emit(event="ready")  # the start-up (process, imports, model) is timed apart from the work
     result: dict = {"row": job["row"], "method": job["method"], "seed": job["seed"], "pid": os.getpid(),
                     "evaluations": []}
     method, timeline, snapshots, counter = None, {0: 0.0}, {}, [0]
@@ -85,6 +90,7 @@ def _train(model, job: dict, folder: Path, result: dict):
     from .. import methods
     from ..artifacts import save_artifact
     from ..config import TrainConfig, build
+    from ..progress import Throttle
     from ..train import train
 
     method_cls = methods.get(job["method"])
@@ -95,6 +101,7 @@ def _train(model, job: dict, folder: Path, result: dict):
     timeline: dict[int, float] = {}
     paused = [0.0]
     final, started = train_cfg.steps, time.time()
+    log = Throttle(final, 0, started)
 
     def on_step(step: int, loss: float) -> None:
         timeline[step] = time.time() - started - paused[0]
@@ -104,6 +111,8 @@ def _train(model, job: dict, folder: Path, result: dict):
                                             method.state_dict(model))
             paused[0] += time.time() - began
         emit(event="step", step=step, steps=final, loss=round(loss, 5))
+        if log.due(step, time.time()) or step == final:
+            print(f"step {step}/{final} loss {loss:.5f}", file=sys.stderr, flush=True)
 
     run = train(model, method, method_cfg, train_cfg, _data_config(job), folder / "artifact", job["row"],
                 progress=False, on_step=on_step)
