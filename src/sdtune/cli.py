@@ -272,7 +272,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     outputs.plan(args.output, name, method.output_files(name, None), train_cfg.log_dir)  # before the model loads
     from .data import load_image_folder
 
-    load_image_folder(data_cfg.images) if data_cfg.images else None  # fail on bad images before loading a model
+    for folder in filter(None, (data_cfg.images, data_cfg.validation_images)):
+        load_image_folder(folder)  # bad images fail before a model loads
     model = load(args.model, config=args.model_config)
     result = train(model, method, method_cfg, train_cfg, data_cfg, Path(args.output), name, progress=not args.quiet)
     for path in result.paths:

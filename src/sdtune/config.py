@@ -58,6 +58,8 @@ class DataConfig:
     num_class_images: int = opt(100, "class images wanted for prior preservation", min=1)
     class_prompt: str = opt("", "prompt for generating and training on class images (default: from the class word)")
     class_image_steps: int = opt(50, "sampling steps per generated class image", min=1)
+    validation_images: str = opt("", "folder of held-out images (same layout as --images) whose denoising loss "
+                                     "at fixed noise and timesteps is logged through the run")
 
 
 @dataclass
@@ -101,6 +103,8 @@ class TrainConfig:
     resume: str = opt("", "resume from a checkpoint folder, or 'latest'")
     validation_every: int = opt(0, "write validation images every N steps (0: never)", min=0)
     validation_prompt: str = opt("", "validation prompt (default: the instance prompt)")
+    validation_loss_every: int = opt(0, "read the validation loss every N steps (0: ten times per run); "
+                                        "needs --validation-images", min=0)
     log_dir: str = opt("", "tensorboard log folder (default: OUTPUT/logs; 'none' disables)")
 
 

@@ -96,6 +96,7 @@ def _train(model, method, method_cfg, train_cfg: TrainConfig, data_cfg: DataConf
     templates = method.prompt_templates(model) if hasattr(method, "prompt_templates") else None
     examples = build_training_set(model, data_cfg, train_cfg, accelerator, templates, class_records)
     examples.fill_caches()  # encoders run now, not inside the first steps
+    held_out = _held_out(model, data_cfg, train_cfg, noise_scheduler, device, accelerator.is_main_process)
     # Encoders the steps no longer call wait on the CPU (GPU memory for training); back before saving.
     parked = examples.idle_components() if device.type == "cuda" and not train_cfg.validation_every else []
     for component in parked:
@@ -107,7 +108,7 @@ def _train(model, method, method_cfg, train_cfg: TrainConfig, data_cfg: DataConf
     lr_scale = global_batch if train_cfg.scale_lr else 1
     optimizer, lr_schedule = _make_optimizer(param_groups, lr_scale, train_cfg, device)
     optimizer = accelerator.prepare(optimizer)
-    start_step, losses = 0, []
+    start_step, losses, validation_losses = 0, [], []
     if train_cfg.resume:
         start_step, losses = checkpoints.restore(out_dir, train_cfg, method, model, optimizer, lr_schedule)
     ema = _ema(params, train_cfg.ema_decay, start_step)
@@ -164,6 +165,8 @@ def _train(model, method, method_cfg, train_cfg: TrainConfig, data_cfg: DataConf
             checkpoints.save(out_dir, done, method, model, optimizer, lr_schedule, losses, train_cfg, ema)
         if accelerator.is_main_process and validate_now:
             _validation_image(model, examples, train_cfg, out_dir, done, logger)
+        if held_out is not None and (done % held_out.every(train_cfg) == 0 or done == train_cfg.steps):
+            _read_validation_loss(held_out, accelerator, done, validation_losses, bar, logger)
         if on_step is not None and on_step(done, loss_log.latest) and done < train_cfg.steps:
             _take_losses(loss_log.pull(), losses, bar, logger, train_cfg, out_dir)
             faults.check_weights(params, done, train_cfg.lr, train_cfg.weight_decay, out_dir)
@@ -180,7 +183,8 @@ def _train(model, method, method_cfg, train_cfg: TrainConfig, data_cfg: DataConf
     peak = peak_memory_bytes(device)
     paths: list[Path] = []
     if accelerator.is_main_process:
-        card = run_card(method, model, train_cfg, data_cfg, method_cfg, wall, peak, losses, world)
+        card = run_card(method, model, train_cfg, data_cfg, method_cfg, wall, peak, losses, world,
+                        validation_losses)
         paths = method.save(model, out_dir, name, card, fmt)
         resolved = json.dumps(json.loads(card["config"]), indent=1)
         atomic_write_via(out_dir / f"{name}.config.json", lambda tmp: tmp.write_text(resolved))
@@ -325,7 +329,8 @@ def _make_optimizer(param_groups: list[dict], lr_scale: float, cfg: TrainConfig,
 
 
 def run_card(method, model, train_cfg, data_cfg, method_cfg, wall: float, peak: int,
-             losses: list[float], world_size: int = 1) -> dict[str, str]:
+             losses: list[float], world_size: int = 1,
+             validation_losses: list[tuple[int, float]] | None = None) -> dict[str, str]:
     """Header metadata written into every artifact."""
     card = {
         "world_size": str(world_size),
@@ -344,8 +349,33 @@ def run_card(method, model, train_cfg, data_cfg, method_cfg, wall: float, peak: 
         "final_loss": f"{losses[-1]:.6f}" if losses else "",
         "config": to_json(data_cfg, train_cfg, method_cfg),
     }
+    if validation_losses:  # (step, loss) readings on the held-out images
+        card["validation_loss"] = f"{validation_losses[-1][1]:.6f}"
+        card["validation_losses"] = json.dumps([[step, round(value, 6)] for step, value in validation_losses])
     card.update({f"{method.name}_{k}": v for k, v in method.metadata().items()})
     return card
+
+
+def _held_out(model, data_cfg: DataConfig, train_cfg: TrainConfig, noise_scheduler, device, is_main: bool):
+    """The validation loss on --validation-images (main process only), or None without them."""
+    if not data_cfg.validation_images or not is_main:
+        return None
+    from .trainset import default_template
+    from .validation_loss import ValidationLoss
+
+    template = data_cfg.prompt_template or default_template(model)
+    return ValidationLoss(model, data_cfg, train_cfg, noise_scheduler,
+                          timestep_range(train_cfg, noise_scheduler.config.num_train_timesteps), device, template)
+
+
+def _read_validation_loss(held_out, accelerator, step: int, readings: list[tuple[int, float]], bar, logger) -> None:
+    """Read the validation loss now; keep it for the run card, show it beside the training loss, log it."""
+    value = held_out(accelerator.autocast)
+    readings.append((step, value))
+    if not bar.disable:
+        bar.write(f"step {step}: validation loss {value:.4f}", file=bar.fp)  # stdout is for the paths
+    if logger:
+        logger.add_scalar("validation/loss", value, step)
 
 
 def _progress(total: int, initial: int, enabled: bool):
