@@ -68,6 +68,10 @@ class Lines:
         """Values the next line shows after the count (e.g. loss)."""
         self._postfix = " ".join(f"{k} {v}" for k, v in values.items())
 
+    def note(self, text: str) -> None:
+        """A message line of its own (e.g. a validation reading)."""
+        print(text, file=self._stream, flush=True)
+
     def close(self) -> None:
         """Say where a run that stopped early got to."""
         if self.n < self.total:  # stopped early: say where
@@ -98,6 +102,14 @@ def bar(total: int, initial: int = 0, desc: str = "", unit: str = "it", enabled:
         return Lines(total, initial, desc, unit, stream)
     return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit=unit, dynamic_ncols=True,
                 file=stream)
+
+
+def note(progress, text: str) -> None:
+    """A message line beside a progress display (above a tqdm bar, between Lines' lines); none when silent."""
+    if isinstance(progress, Lines):
+        progress.note(text)
+    elif not progress.disable:
+        progress.write(text, file=progress.fp)
 
 
 def quiet_libraries() -> None:

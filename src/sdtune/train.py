@@ -372,8 +372,9 @@ def _read_validation_loss(held_out, accelerator, step: int, readings: list[tuple
     """Read the validation loss now; keep it for the run card, show it beside the training loss, log it."""
     value = held_out(accelerator.autocast)
     readings.append((step, value))
-    if not bar.disable:
-        bar.write(f"step {step}: validation loss {value:.4f}", file=bar.fp)  # stdout is for the paths
+    from .progress import note
+
+    note(bar, f"step {step}: validation loss {value:.4f}")
     if logger:
         logger.add_scalar("validation/loss", value, step)
 
