@@ -73,11 +73,12 @@ def current_checkpoint(tmp_path_factory) -> Path:
 
 # Case 7: non-finite weights --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("flag,value", [("--weight-decay", "inf"), ("--lr", "nan")])
-def test_a_non_finite_weight_decay_or_lr_is_refused_before_training(tmp_path, subject_dir, flag, value, capsys):
+@pytest.mark.parametrize("flag,value,shown", [("--weight-decay", "inf", "inf"), ("--lr", "nan", "NaN")])
+def test_a_non_finite_weight_decay_or_lr_is_refused_before_training(tmp_path, subject_dir, flag, value, shown,
+                                                                    capsys):
     out = tmp_path / "out"
     assert main(_argv(subject_dir, out, flag, value)) == 2
-    assert f"{flag[2:].replace('-', '_')} is {value}; give a finite number" in _error(capsys)
+    assert f"{flag[2:].replace('-', '_')} is {shown}; give a finite number" in _error(capsys)
     assert not out.exists()
 
 

@@ -103,5 +103,5 @@ def test_embedding_in_the_negative_prompt_is_activated(trained, tmp_path):
     empty = tmp_path / "none"
     empty.mkdir()
     with_neg = _ours(model_dir, "a photo of a dog", default, tmp_path / "a.png", negative=TOKEN)
-    plain_word = _ours(model_dir, "a photo of a dog", empty, tmp_path / "b.png", negative=TOKEN)
+    plain_word = _ours(model_dir, "a photo of a dog", empty, tmp_path / "b.png", negative="cat toy")  # the words
     assert not np.array_equal(with_neg, plain_word)
