@@ -13,7 +13,6 @@ from safetensors import torch as st
 from sdtune import __version__, artifacts
 from sdtune.artifacts import (
     atomic_output_dir,
-    describe_artifact,
     file_hash,
     flatten_tensors,
     load_artifact,
@@ -22,6 +21,7 @@ from sdtune.artifacts import (
     save_artifact,
 )
 from sdtune.errors import SdtuneError
+from sdtune.inspection import describe_artifact
 
 
 def _tensors():

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from hypernetwork_reference import build_file, expected_types, reference_forward
-from sdtune.artifacts import describe_artifact, load_artifact
+from sdtune.artifacts import load_artifact
+from sdtune.inspection import describe_artifact
 from sdtune.cli import main
 from sdtune.errors import SdtuneError
 from sdtune.formats import hypernetwork as fmt

@@ -243,9 +243,9 @@ def _crash(*args, **kwargs):
 
 
 def test_an_unexpected_error_is_one_line_with_exit_code_1(tmp_path, capsys, monkeypatch):
-    from sdtune import artifacts
+    from sdtune import inspection
 
-    monkeypatch.setattr(artifacts, "describe_artifact", _crash)
+    monkeypatch.setattr(inspection, "describe_artifact", _crash)
     assert main(["inspect", str(tmp_path / "x.safetensors")]) == 1
     err = capsys.readouterr().err.strip()
     assert err == ("sdtune: error: ZeroDivisionError: boom second line (rerun as 'sdtune --debug ...' for the "
@@ -253,9 +253,9 @@ def test_an_unexpected_error_is_one_line_with_exit_code_1(tmp_path, capsys, monk
 
 
 def test_debug_shows_the_traceback(tmp_path, monkeypatch):
-    from sdtune import artifacts
+    from sdtune import inspection
 
-    monkeypatch.setattr(artifacts, "describe_artifact", _crash)
+    monkeypatch.setattr(inspection, "describe_artifact", _crash)
     with pytest.raises(ZeroDivisionError):
         main(["--debug", "inspect", str(tmp_path / "x.safetensors")])
 

@@ -12,7 +12,8 @@ import struct
 import pytest
 import torch
 
-from sdtune.artifacts import describe_artifact, load_artifact
+from sdtune.artifacts import load_artifact
+from sdtune.inspection import describe_artifact
 from sdtune.cli import main
 from sdtune.errors import SdtuneError
 from sdtune.formats.embeddings import file_names

@@ -1,5 +1,5 @@
-"""Every file sdtune writes or reads: atomic safetensors with a run card, safe pickle loading, hashes,
-and the summary `sdtune inspect FILE` prints."""
+"""Every file sdtune writes or reads: atomic safetensors with a run card, safe pickle loading and hashes
+(what `sdtune inspect FILE` prints is in inspection.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import shutil
 import stat
 import struct
 import uuid
-from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,7 @@ from safetensors import torch as st
 
 from . import __version__
 from .errors import SdtuneError
-from .formats import sniff_format
-from .untrusted import ST_DTYPES, check_pickle, check_safetensors_header, check_tensors, iter_tensors, unreadable
+from .untrusted import check_pickle, check_safetensors_header, check_tensors, iter_tensors, unreadable
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -260,7 +258,7 @@ _NOT_A_FILE: tuple[tuple[Callable[[Path], bool], str], ...] = (
 )
 
 
-def _check_readable(path: Path) -> None:
+def check_readable(path: Path) -> None:
     if not path.is_file():
         what = next(text for test, text in _NOT_A_FILE if test(path))
         raise SdtuneError(f"Artifact {path} {what}; check the path.")
@@ -298,7 +296,7 @@ def load_artifact(path: str | os.PathLike) -> tuple[Any, dict[str, str]]:
     """(tensors, metadata) of a .safetensors file; (raw object, {}) of a .pt/.ckpt/.bin pickle, loaded
     with `torch.load(weights_only=True)` only, so a pickle that carries code is refused."""
     path = Path(path)
-    _check_readable(path)
+    check_readable(path)
     suffix = path.suffix.lower()
     if suffix == SAFETENSORS_SUFFIX:
         return _load_safetensors(path)
@@ -336,67 +334,3 @@ def model_hash(state: Mapping[str, torch.Tensor] | torch.nn.Module, length: int 
         if t.numel():
             digest.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:length]
-
-
-def _summary(path: Path) -> tuple[list[tuple[str, torch.dtype, tuple[int, ...]]], dict[str, str]]:
-    """(name, dtype, shape) per tensor and metadata; a safetensors file's data is not read."""
-    if path.suffix.lower() != SAFETENSORS_SUFFIX:
-        obj, metadata = load_artifact(path)
-        return [(k, t.dtype, tuple(t.shape)) for k, t in flatten_tensors(obj).items()], metadata
-    _check_readable(path)
-    check_safetensors_header(path)
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = dict(f.metadata() or {})
-            slices = {k: f.get_slice(k) for k in f.keys()}
-            rows = [(k, ST_DTYPES.get(s.get_dtype(), torch.uint8), tuple(s.get_shape())) for k, s in slices.items()]
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise unreadable(path, "safetensors", exc) from exc
-    return rows, metadata
-
-
-# Control characters but the newline, and bidi overrides: in a file's metadata they are terminal escape codes
-# (recolour, retitle, rewrite earlier lines) or text shown in another order than it reads.
-_UNPRINTABLE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-
-
-def printable(text: str, newlines: bool = True) -> str:
-    """`text` with control characters written as visible escapes (\\x1b), newlines kept when `newlines`."""
-    text = _UNPRINTABLE.sub(lambda m: repr(m.group())[1:-1], text)
-    return text if newlines else text.replace("\n", "\\n")
-
-
-def _pretty(value: str, limit: int = 600) -> str:
-    try:
-        decoded = json.loads(value)
-    except (json.JSONDecodeError, ValueError):
-        decoded = value
-    text = json.dumps(decoded, indent=2, sort_keys=True) if isinstance(decoded, (dict, list)) else str(decoded)
-    text = text.replace("\n", "\n    ")
-    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
-
-
-def artifact_format(path: str | os.PathLike) -> str:
-    """The one-line layout name `sdtune inspect` shows (a safetensors file's data is not read)."""
-    rows, metadata = _summary(Path(path))
-    return sniff_format([name for name, _, _ in rows], metadata)
-
-
-def describe_artifact(path: str | os.PathLike) -> str:
-    """What `sdtune inspect FILE` prints: layout, tensor count, parameters, bytes, dtypes and the run card."""
-    path = Path(path)
-    rows, metadata = _summary(path)
-    numels = [torch.Size(shape).numel() for _, _, shape in rows]
-    dtypes = Counter(str(dtype).removeprefix("torch.") for _, dtype, _ in rows)
-    lines = [
-        f"file:       {path}",
-        f"format:     {sniff_format([name for name, _, _ in rows], metadata)}",
-        f"tensors:    {len(rows)}",
-        f"parameters: {sum(numels):,}",
-        f"bytes:      {sum(n * d.itemsize for (_, d, _), n in zip(rows, numels)):,}",
-        f"dtypes:     {', '.join(f'{d} x{n}' for d, n in dtypes.most_common()) or '-'}",
-    ]
-    if metadata:
-        lines.append("metadata:")
-        lines += [f"  {printable(key, newlines=False)}: {_pretty(value)}" for key, value in sorted(metadata.items())]
-    return printable("\n".join(lines))  # everything shown comes from the file

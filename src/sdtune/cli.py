@@ -320,7 +320,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .artifacts import describe_artifact
+    from .inspection import describe_artifact
 
     print(describe_artifact(Path(args.file)))
     return 0

@@ -103,7 +103,8 @@ class Outcome:
 
 def check_file(data: bytes, suffix: str, ctx: Context) -> None:
     """What `inspect`, `generate` (tags and embedding names) and `convert` do with a file, in turn."""
-    from .artifacts import describe_artifact, load_artifact
+    from .artifacts import load_artifact
+    from .inspection import describe_artifact
     from .formats.embeddings import file_names
 
     path = ctx.file(data, suffix)

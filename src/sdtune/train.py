@@ -27,7 +27,7 @@ from .loss import combine, draw_noise, min_snr_weights, per_sample_mse, training
 from .runtime import is_main_process, make_accelerator, peak_memory_bytes, sum_gradients_across_processes
 from .trainset import TrainingSet, build_training_set
 from .unet_runner import UNetRunner
-from . import checkpoints, class_images, faults, outputs, speed
+from . import checkpoints, class_images, faults, outputs, speed, validation_loss
 
 
 @dataclass
@@ -96,7 +96,9 @@ def _train(model, method, method_cfg, train_cfg: TrainConfig, data_cfg: DataConf
     templates = method.prompt_templates(model) if hasattr(method, "prompt_templates") else None
     examples = build_training_set(model, data_cfg, train_cfg, accelerator, templates, class_records)
     examples.fill_caches()  # encoders run now, not inside the first steps
-    held_out = _held_out(model, data_cfg, train_cfg, noise_scheduler, device, accelerator.is_main_process)
+    held_out = validation_loss.for_run(model, data_cfg, train_cfg, noise_scheduler, device,
+                                       timestep_range(train_cfg, noise_scheduler.config.num_train_timesteps),
+                                       accelerator.is_main_process)
     # Encoders the steps no longer call wait on the CPU (GPU memory for training); back before saving.
     parked = examples.idle_components() if device.type == "cuda" and not train_cfg.validation_every else []
     for component in parked:
@@ -166,7 +168,7 @@ def _train(model, method, method_cfg, train_cfg: TrainConfig, data_cfg: DataConf
         if accelerator.is_main_process and validate_now:
             _validation_image(model, examples, train_cfg, out_dir, done, logger)
         if held_out is not None and (done % held_out.every(train_cfg) == 0 or done == train_cfg.steps):
-            _read_validation_loss(held_out, accelerator, done, validation_losses, bar, logger)
+            held_out.read(accelerator.autocast, done, validation_losses, bar, logger)
         if on_step is not None and on_step(done, loss_log.latest) and done < train_cfg.steps:
             _take_losses(loss_log.pull(), losses, bar, logger, train_cfg, out_dir)
             faults.check_weights(params, done, train_cfg.lr, train_cfg.weight_decay, out_dir)
@@ -354,29 +356,6 @@ def run_card(method, model, train_cfg, data_cfg, method_cfg, wall: float, peak: 
         card["validation_losses"] = json.dumps([[step, round(value, 6)] for step, value in validation_losses])
     card.update({f"{method.name}_{k}": v for k, v in method.metadata().items()})
     return card
-
-
-def _held_out(model, data_cfg: DataConfig, train_cfg: TrainConfig, noise_scheduler, device, is_main: bool):
-    """The validation loss on --validation-images (main process only), or None without them."""
-    if not data_cfg.validation_images or not is_main:
-        return None
-    from .trainset import default_template
-    from .validation_loss import ValidationLoss
-
-    template = data_cfg.prompt_template or default_template(model)
-    return ValidationLoss(model, data_cfg, train_cfg, noise_scheduler,
-                          timestep_range(train_cfg, noise_scheduler.config.num_train_timesteps), device, template)
-
-
-def _read_validation_loss(held_out, accelerator, step: int, readings: list[tuple[int, float]], bar, logger) -> None:
-    """Read the validation loss now; keep it for the run card, show it beside the training loss, log it."""
-    value = held_out(accelerator.autocast)
-    readings.append((step, value))
-    from .progress import note
-
-    note(bar, f"step {step}: validation loss {value:.4f}")
-    if logger:
-        logger.add_scalar("validation/loss", value, step)
 
 
 def _progress(total: int, initial: int, enabled: bool):

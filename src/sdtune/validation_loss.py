@@ -70,9 +70,30 @@ class ValidationLoss:
         finally:
             unet.train(was_training)
 
+    def read(self, autocast, step: int, readings: list[tuple[int, float]], progress, logger) -> None:
+        """Read the loss now: kept for the run card, shown as a line beside the progress, logged."""
+        from .progress import note
+
+        value = self(autocast)
+        readings.append((step, value))
+        note(progress, f"step {step}: validation loss {value:.4f}")
+        if logger:
+            logger.add_scalar("validation/loss", value, step)
+
     def _text_trains(self) -> bool:
         return any(p.requires_grad for encoder in self.model.text_encoders for p in encoder.parameters())
 
     def _encode(self, prompts: list[str]) -> Conditioning:
         with torch.no_grad():
             return conditioning.encode(self.model, prompts)
+
+
+def for_run(model, data_cfg: DataConfig, train_cfg: TrainConfig, noise_scheduler, device,
+            timestep_range: tuple[int, int], is_main: bool) -> ValidationLoss | None:
+    """The run's validation loss on --validation-images (main process only), or None without them."""
+    if not data_cfg.validation_images or not is_main:
+        return None
+    from .trainset import default_template
+
+    template = data_cfg.prompt_template or default_template(model)
+    return ValidationLoss(model, data_cfg, train_cfg, noise_scheduler, timestep_range, device, template)

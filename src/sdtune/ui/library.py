@@ -35,7 +35,7 @@ class ArtifactEntry:
 
 def classify(path: Path) -> ArtifactEntry:
     """Read a file's header (or small pickle) and tell what it is; unreadable files raise SdtuneError."""
-    from ..artifacts import artifact_format
+    from ..inspection import artifact_format
     from ..formats.embeddings import file_names
 
     layout = artifact_format(path)

@@ -79,7 +79,7 @@ def default_output(path: str | None, target: str) -> str:
 
 
 def _inspect(path: str | None, target: str) -> tuple:
-    from ..artifacts import describe_artifact
+    from ..inspection import describe_artifact
 
     if not path:
         return "", "", ""
