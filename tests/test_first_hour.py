@@ -67,3 +67,11 @@ def test_textual_inversion_with_no_other_flag_trains_and_generates_by_the_word_t
     assert main([*without, *common, "--output", str(tmp_path / "no.png")]) == 0
     with_it, without_it = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=float) for n in ("with", "no"))
     assert np.abs(with_it - without_it).mean() > 1.0  # the embedding changed the image
+
+
+def test_the_textual_inversion_token_refusal_names_where_to_set_it_in_the_cli_and_the_ui(tmp_path, capsys):
+    folder = _subject(tmp_path, capsys)
+    assert main(["train", "textual-inversion", "--model", "builtin", "--images", str(folder), "--token", "sks",
+                 "--class-word", "circle", "--output", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "'sks' is already a token" in err and "--token" in err and "Token in the web UI" in err

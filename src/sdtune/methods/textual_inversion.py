@@ -42,6 +42,9 @@ WIDTH_FAMILY: dict[int, str] = {768: "SD 1.x (or SDXL's clip_l)", 1024: "SD 2.x"
 ALIAS = "<sdtune-vector-{}>"  # training-only names of the vectors, used in expanded templates
 
 
+TOKEN_SETTING = "--token, or Token in the web UI"  # where users set it, named in the errors
+
+
 @dataclass
 class TextualInversionConfig:
     """Textual Inversion's own settings (the token is --token)."""
@@ -165,9 +168,10 @@ class TextualInversion:
         self.cfg = cfg or self.cfg
         token, count = self.token, self.cfg.vectors
         if not token:
-            raise SdtuneError("Textual Inversion needs --token, a new word such as <my-thing>.")
+            raise SdtuneError(f"Textual Inversion needs a token ({TOKEN_SETTING}), a new word such as <my-thing>.")
         if token != token.strip() or len(token.split()) != 1:
-            raise SdtuneError(f"--token '{token}' must be one new word without spaces, e.g. <my-thing>.")
+            raise SdtuneError(f"The token '{token}' ({TOKEN_SETTING}) must be one new word without spaces, "
+                              "e.g. <my-thing>.")
         for module in model.components().values():
             module.requires_grad_(False)
         names = vector_names(token, count) + ([ALIAS.format(i) for i in range(count)] if count > 1 else [])
@@ -182,7 +186,7 @@ class TextualInversion:
             for name in names:
                 if len(_ids(tokenizer, name)) == 1:
                     raise SdtuneError(f"'{name}' is already a token of this model's vocabulary; pick a new word "
-                                      f"for --token, e.g. <{token.strip('<>')}-1>.")
+                                      f"as the token ({TOKEN_SETTING}), e.g. <{token.strip('<>')}-1>.")
         _add_tokens(_unique_tokenizers(model), names)
         params = []
         for component, encoder, tokenizer in encoders:
