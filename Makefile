@@ -4,6 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= out/demo
+# Test processes: each runs single-threaded (tests/conftest.py), so two fill a 2-core machine's cores far
+# better than one process's two threads (the suite's many small steps are mostly Python, not matrix work).
+TEST_WORKERS ?= 2
 
 .PHONY: demo test install clean
 
@@ -21,7 +24,7 @@ demo: $(STAMP)
 	$(BIN)/sdtune compare --output $(OUT)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 clean:
 	rm -rf $(VENV) out
