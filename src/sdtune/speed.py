@@ -17,7 +17,7 @@ from .errors import SdtuneError
 
 # How often a CUDA run reads its loss on the host when sync_every is 0 (the CPU reads every step: it is free).
 CUDA_SYNC_EVERY = 25
-# torch.compile's price and gain on one H200 (SD1.5 LoRA r4, bs1, 512 px, bf16; FINDINGS.md probe): about
+# torch.compile's price and gain on one H200 (SD1.5 LoRA r4, bs1, 512 px, bf16; a probe run): about
 # 110 s of compiling before the first step, then 22.7 ms a step with mode="reduce-overhead". What it saves
 # over the captured eager graph per step is an estimate until BENCHMARKS.md holds our own measurement;
 # `auto` compiles only when the run is long enough for the saving to repay the compile.
