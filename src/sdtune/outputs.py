@@ -58,7 +58,6 @@ class RunOutputs:
     name: str
     files: list[str]
     folders: list[str]
-    log_dir: Path | None = None
     created_root: bool = False
     _lock_fd: int | None = field(default=None, repr=False)
 
@@ -79,10 +78,9 @@ def plan(root: str | os.PathLike, name: str, outputs: list[str], log_dir: str = 
         _check_replaceable(root / rel, rel, name, made, folder=False)
     for rel in folders:
         _check_replaceable(root / rel, rel, name, made, folder=True)
-    logs = Path(log_dir) if log_dir and log_dir != "none" else None
-    if logs is not None:
-        check_folder_path(logs, "--log-dir")
-    return RunOutputs(root, name, files, folders, logs)
+    if log_dir and log_dir != "none":
+        check_folder_path(Path(log_dir), "--log-dir")
+    return RunOutputs(root, name, files, folders)
 
 
 @contextlib.contextmanager
@@ -103,7 +101,10 @@ def claim(outputs: RunOutputs, main_process: bool = True) -> Iterator[RunOutputs
     try:
         for target in outputs.targets():
             for stale in stale_temps(target):
-                shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink()
+                if stale.is_dir() and not stale.is_symlink():
+                    shutil.rmtree(stale)
+                else:
+                    stale.unlink()
         yield outputs
         ok = True
     finally:

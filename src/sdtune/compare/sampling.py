@@ -24,7 +24,6 @@ def sample(model, prompts: list[str], per_prompt: int, seed: int, steps: int, gu
            on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 [N,H,W,3], prompt index [N]) with `per_prompt` images of each prompt."""
     pipe = model.pipeline()
-    pipe.set_progress_bar_config(disable=True)
     for module in model.components().values():
         module.eval()
     jobs = [(j, i) for j in range(len(prompts)) for i in range(per_prompt)]
