@@ -77,7 +77,7 @@ def frozen_text_run(tmp_path_factory):
     cfg = DreamBoothConfig()
     data = DataConfig(images=str(subject), token="sks", class_word="dog", class_images=str(class_dir),
                       num_class_images=2, class_image_steps=2)
-    result = train(model, DreamBooth(cfg), cfg,
+    result = train(model, DreamBooth(cfg),
                    TrainConfig(steps=3, lr=1e-3, batch_size=2, prior_preservation=True, checkpoint_every=1,
                                keep_checkpoints=3, log_dir="none", seed=5), data, root / "out", "sks", progress=False)
     return dict(root=root, model=model, before=before, result=result, data=data, class_dir=class_dir)
@@ -106,7 +106,7 @@ def test_ema_saves_the_moving_average_of_the_steps(frozen_text_run, tmp_path):
     decay = 0.5
     model = load("tiny:sd1")
     cfg = DreamBoothConfig()
-    train(model, DreamBooth(cfg), cfg, TrainConfig(steps=3, lr=1e-3, batch_size=2, prior_preservation=True,
+    train(model, DreamBooth(cfg), TrainConfig(steps=3, lr=1e-3, batch_size=2, prior_preservation=True,
                                                    log_dir="none", seed=5, ema_decay=decay),
           frozen_text_run["data"], tmp_path, "ema", progress=False)
     # diffusers' EMAModel: decay 0 at the first step, then min(decay, (1 + n) / (10 + n)) for step n + 1.
@@ -126,7 +126,7 @@ def test_text_encoder_trains_with_its_own_lr_and_stops_after_its_steps(subject_d
     model = load("tiny:sd1")
     base_text = _state(model.text_encoder)
     cfg = DreamBoothConfig(train_text_encoder=True, text_encoder_lr=5e-3, train_text_encoder_steps=1)
-    train(model, DreamBooth(cfg), cfg, TrainConfig(steps=3, lr=1e-3, checkpoint_every=1, keep_checkpoints=3,
+    train(model, DreamBooth(cfg), TrainConfig(steps=3, lr=1e-3, checkpoint_every=1, keep_checkpoints=3,
                                                    log_dir="none"),
           DataConfig(images=str(subject_dir), token="sks", class_word="dog"), tmp_path, "te", progress=False)
     first, _ = load_artifact(tmp_path / "checkpoints" / "step-000001" / "trainable.safetensors")

@@ -32,7 +32,7 @@ def test_folder_and_single_file_draw_what_the_trained_model_draws(tiny_pipeline_
     model = load(str(base_dir))
     base_image = _image(model.pipeline())
     cfg = DreamBoothConfig(train_text_encoder=True)
-    result = train(model, DreamBooth(cfg), cfg, TrainConfig(steps=2, lr=2e-3, batch_size=2, log_dir="none"),
+    result = train(model, DreamBooth(cfg), TrainConfig(steps=2, lr=2e-3, batch_size=2, log_dir="none"),
                    DataConfig(images=str(subject_dir), token="sks", class_word="dog"), tmp_path, "sks", progress=False)
     folder, single = result.paths
     assert folder == tmp_path / "sks" and single == tmp_path / "sks.safetensors"

@@ -100,7 +100,7 @@ def _random_lora_state() -> dict:
     method = LoRA(LoRAConfig(rank=4))
     torch.manual_seed(5)
     with torch.no_grad():
-        for group in method.setup(model, method.cfg):
+        for group in method.setup(model):
             for param in group["params"]:
                 param.normal_(0, 0.3)
     return method.state_dict(model)
@@ -151,11 +151,11 @@ def test_training_lowers_the_loss_and_moves_only_hypernetwork_weights(subject_di
     data_cfg = DataConfig(images=str(subject_dir), token="sks", class_word="dog")
     cfg = HypernetworkConfig()
     fresh = load("tiny:sd1")
-    Hypernetwork(cfg).setup(fresh, cfg)
+    Hypernetwork(cfg).setup(fresh)
     loss_before = _fixed_batch_loss(fresh, data_cfg)
     model = load("tiny:sd1")
     before = _base_tensors(model)
-    result = train(model, Hypernetwork(cfg), cfg, TrainConfig(steps=20, lr=2e-2, batch_size=4, log_dir="none"),
+    result = train(model, Hypernetwork(cfg), TrainConfig(steps=20, lr=2e-2, batch_size=4, log_dir="none"),
                    data_cfg, tmp_path, "sks", progress=False)
     after = _base_tensors(model)
     assert before.keys() == after.keys()
@@ -186,17 +186,17 @@ def test_cli_trains_an_a1111_file_that_generates(subject_dir, tmp_path):
     base = _image(out, "a sks dog", tmp_path / "base.png")
     assert np.abs(_image(out, "a sks dog <hypernet:sks:1>", tmp_path / "hn.png") - base).max() > 0
     with pytest.raises(SdtuneError, match="matches no attention layer"):
-        Hypernetwork(HypernetworkConfig(sizes="768")).setup(load("tiny:sd1"), None)
+        Hypernetwork(HypernetworkConfig(sizes="768")).setup(load("tiny:sd1"))
 
 
 def test_resume_continues_exactly(subject_dir, tmp_path):
     common = dict(steps=4, lr=1e-2, batch_size=2, log_dir="none")
     data_cfg = DataConfig(images=str(subject_dir), token="sks", class_word="dog")
     cfg = HypernetworkConfig(activation="relu", dropout="0.2")
-    train(load("tiny:sd1"), Hypernetwork(cfg), cfg, TrainConfig(checkpoint_every=2, **common), data_cfg,
+    train(load("tiny:sd1"), Hypernetwork(cfg), TrainConfig(checkpoint_every=2, **common), data_cfg,
           tmp_path / "full", "a", progress=False)
     checkpoint = tmp_path / "full" / "checkpoints" / "step-000002"
-    train(load("tiny:sd1"), Hypernetwork(cfg), cfg, TrainConfig(resume=str(checkpoint), **common), data_cfg,
+    train(load("tiny:sd1"), Hypernetwork(cfg), TrainConfig(resume=str(checkpoint), **common), data_cfg,
           tmp_path / "resumed", "a", progress=False)
     a, b = _decode(tmp_path / "full" / "a.safetensors"), _decode(tmp_path / "resumed" / "a.safetensors")
     assert a.tensors.keys() == b.tensors.keys()
@@ -207,7 +207,7 @@ def test_sdxl_trains_and_applies_at_its_context_width(subject_dir, tmp_path):
     data_cfg = DataConfig(images=str(subject_dir), token="sks", class_word="dog")
     cfg = HypernetworkConfig(weight_init="XavierUniform")
     model = load("tiny:sdxl")
-    result = train(model, Hypernetwork(cfg), cfg, TrainConfig(steps=2, lr=1e-2, batch_size=2, log_dir="none"),
+    result = train(model, Hypernetwork(cfg), TrainConfig(steps=2, lr=1e-2, batch_size=2, log_dir="none"),
                    data_cfg, tmp_path, "xl", progress=False)
     hf = _decode(result.paths[0])
     assert hf.widths == [64]  # tiny:sdxl: text context 64 (2048 at full size), self-attention 64

@@ -110,10 +110,10 @@ def test_training_moves_only_lora_weights_and_lowers_the_loss(subject_dir, tmp_p
     data_cfg = DataConfig(images=str(subject_dir), token="sks", class_word="dog")
     method_cfg = LoRAConfig(rank=8, train_text_encoder=True)
     method = LoRA(method_cfg)
-    method.setup(model, method_cfg)
+    method.setup(model)
     loss_before = _fixed_batch_loss(model, method_cfg, data_cfg)
     model2 = load("tiny:sd1")
-    result = train(model2, LoRA(method_cfg), method_cfg,
+    result = train(model2, LoRA(method_cfg),
                    TrainConfig(steps=30, lr=2e-2, batch_size=4, log_dir="none"), data_cfg, tmp_path, "sks",
                    progress=False)
     after = _base_tensors(model2)
@@ -132,12 +132,12 @@ def test_resume_continues_exactly(subject_dir, tmp_path):
     data_cfg = DataConfig(images=str(subject_dir), token="sks", class_word="dog", flip=True, center_crop=False)
     cfg = LoRAConfig(rank=4, dropout=0.1, format="sdtune")
     full = tmp_path / "full"
-    train(load("tiny:sd1"), LoRA(cfg), cfg, TrainConfig(checkpoint_every=3, **common), data_cfg, full, "a",
+    train(load("tiny:sd1"), LoRA(cfg), TrainConfig(checkpoint_every=3, **common), data_cfg, full, "a",
           progress=False)
     checkpoint = full / "checkpoints" / "step-000003"
     assert checkpoint.is_dir()
     resumed = tmp_path / "resumed"
-    train(load("tiny:sd1"), LoRA(cfg), cfg, TrainConfig(resume=str(checkpoint), **common), data_cfg, resumed,
+    train(load("tiny:sd1"), LoRA(cfg), TrainConfig(resume=str(checkpoint), **common), data_cfg, resumed,
           "a", progress=False)
     a, _ = load_artifact(full / "a.safetensors")
     b, _ = load_artifact(resumed / "a.safetensors")
@@ -152,7 +152,7 @@ def _largest_b_after_one_step(subject_dir, out, **lora) -> dict[str, float]:
     from sdtune.artifacts import load_artifact
 
     cfg = LoRAConfig(rank=4, format="sdtune", **lora)
-    train(load("tiny:sd1"), LoRA(cfg), cfg, TrainConfig(steps=1, lr=1e-3, batch_size=2, log_dir="none"),
+    train(load("tiny:sd1"), LoRA(cfg), TrainConfig(steps=1, lr=1e-3, batch_size=2, log_dir="none"),
           DataConfig(images=str(subject_dir), token="sks", class_word="dog"), out, "a", progress=False)
     state, _ = load_artifact(out / "a.safetensors")
     largest: dict[str, float] = {}

@@ -145,7 +145,7 @@ def test_the_ui_library_lists_good_artifacts_beside_an_exploding_one(tmp_path):
     torch.save(laughs(21), tmp_path / "bad.pt")
     torch.save({"string_to_param": {"*": torch.zeros(1, 32)}, "name": "good"}, tmp_path / "good.pt")
     entries = {e.path.name: e for e in scan([tmp_path])}
-    assert entries["good.pt"].kind == "embedding"
+    assert entries["good.pt"].kind == "textual-inversion"
     assert entries["bad.pt"].layout.startswith("unreadable") and "expands to over" in entries["bad.pt"].layout
 
 
@@ -165,7 +165,7 @@ def test_a_safetensors_header_claiming_a_huge_tensor_is_refused_unread(capsys, t
 
 @needs_fifo
 def test_scans_never_list_a_fifo_named_like_an_artifact(tmp_path):
-    from sdtune.generate import EMBEDDING_SUFFIXES, _artifact_files
+    from sdtune.generate import _artifact_files
     from sdtune.prompt import artifact_candidates
     from sdtune.ui.library import scan
 
@@ -174,7 +174,7 @@ def test_scans_never_list_a_fifo_named_like_an_artifact(tmp_path):
     os.mkfifo(tmp_path / "deep" / "dog.pt")
     torch.save({"string_to_param": {"*": torch.zeros(1, 32)}, "name": "cat"}, tmp_path / "cat.pt")
     assert artifact_candidates(tmp_path, (".safetensors", ".pt")) == [tmp_path / "cat.pt"]
-    assert _artifact_files([tmp_path], EMBEDDING_SUFFIXES) == [tmp_path / "cat.pt"]
+    assert _artifact_files([tmp_path], (".safetensors", ".pt", ".bin")) == [tmp_path / "cat.pt"]
     assert [e.path for e in scan([tmp_path])] == [tmp_path / "cat.pt"]
 
 

@@ -77,7 +77,7 @@ def test_out_of_memory_advice_reaches_library_callers_too(tmp_path, subject_dir,
     """The UI and `sdtune compare` call train() directly: they get the same one-line advice as the CLI."""
     from sdtune.config import DataConfig, TrainConfig
     from sdtune.errors import SdtuneError
-    from sdtune.methods.lora import LoRA, LoRAConfig
+    from sdtune.methods.lora import LoRA
     from sdtune.model import load
 
     def oom(_):
@@ -85,7 +85,7 @@ def test_out_of_memory_advice_reaches_library_callers_too(tmp_path, subject_dir,
 
     _fail_at_step(monkeypatch, 1, oom)
     with pytest.raises(SdtuneError, match="out of memory on the GPU; try --batch-size 1"):
-        train_module.train(load("tiny:sd1"), LoRA(), LoRAConfig(), TrainConfig(steps=2, log_dir="none"),
+        train_module.train(load("tiny:sd1"), LoRA(), TrainConfig(steps=2, log_dir="none"),
                            DataConfig(images=str(subject_dir), class_word="dog"), tmp_path / "out", "sks",
                            progress=False)
 

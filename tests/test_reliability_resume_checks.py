@@ -96,7 +96,7 @@ def test_non_finite_weights_are_never_written(tmp_path, subject_dir, steps, ever
                       adam_impl=speed[1] if speed else "auto", sync_every=int(speed[3]) if speed else 0)
     out = tmp_path / "out"
     with pytest.raises(SdtuneError) as caught:
-        train_module.train(load("tiny:sd1"), LoRA(), LoRAConfig(rank=1), cfg,
+        train_module.train(load("tiny:sd1"), LoRA(LoRAConfig(rank=1)), cfg,
                            DataConfig(images=str(subject_dir), class_word="dog"), out, "sks", progress=False)
     message = str(caught.value)
     for words in ("non-finite", "by step 1", "--weight-decay (now inf)", "--lr (now 0.0001)", "no checkpoint"):

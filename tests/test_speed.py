@@ -22,7 +22,7 @@ def _run(out, subject_dir, on_step=None, model=None, **options):
     cfg = LoRAConfig(rank=4, format="sdtune")
     model = model or load("tiny:sd1")
     train_cfg = TrainConfig(**{"steps": 4, "lr": 1e-2, "batch_size": 2, "log_dir": "none", "seed": 3, **options})
-    result = train(model, LoRA(cfg), cfg, train_cfg, DataConfig(images=str(subject_dir), token="sks",
+    result = train(model, LoRA(cfg), train_cfg, DataConfig(images=str(subject_dir), token="sks",
                                                                   class_word="dog"),
                    out, "a", progress=False, on_step=on_step)
     return result, LoRA(cfg).state_dict(model)

@@ -29,7 +29,7 @@ def test_only_the_new_vectors_train(subject_dir, tmp_path):
     model = load("tiny:sd1")
     before = {f"{c}.{k}": v.clone() for c, m in model.components().items() for k, v in m.state_dict().items()}
     method, cfg = _method(vectors=2)
-    result = train(model, method, cfg, TrainConfig(steps=4, lr=5e-2, checkpoint_every=2, log_dir="none"),
+    result = train(model, method, TrainConfig(steps=4, lr=5e-2, checkpoint_every=2, log_dir="none"),
                    DataConfig(images=str(subject_dir), token="<cat-toy>"), tmp_path, "cat", progress=False)
     width = model.text_encoder.config.hidden_size
     # The whole table (every existing row) and every other weight are bit-identical after training.
@@ -53,7 +53,7 @@ def test_only_the_new_vectors_train(subject_dir, tmp_path):
     assert (vectors["<cat-toy>"] - init).abs().max() > 1e-3
     # Resuming from the step-2 checkpoint puts the vectors back and ends bit-identical.
     method, cfg = _method(vectors=2)
-    resumed = train(load("tiny:sd1"), method, cfg,
+    resumed = train(load("tiny:sd1"), method,
                     TrainConfig(steps=4, lr=5e-2, resume=str(tmp_path / "checkpoints" / "step-000002"),
                                 log_dir="none"),
                     DataConfig(images=str(subject_dir), token="<cat-toy>"), tmp_path / "resumed", "cat",
@@ -67,7 +67,7 @@ def test_vectors_train_in_fp32_beside_a_half_precision_encoder(dtype):
     for encoder in model.text_encoders:
         encoder.to(dtype)
     method, cfg = _method(vectors=3)
-    params = method.setup(model, cfg)
+    params = method.setup(model)
     assert [tuple(p.shape) for p in params] == [(3, 32), (3, 32)]  # one set per SDXL text encoder
     assert all(p.dtype == torch.float32 and p.requires_grad for p in params)
     assert all(enc.dtype == dtype for enc in model.text_encoders)

@@ -17,7 +17,7 @@ def _lora_run(out, subject_dir, **train_options):
     data = DataConfig(images=str(subject_dir), token="sks", class_word="dog")
     options = dict(steps=3, lr=1e-2, log_dir="none", seed=4)
     options.update(train_options)
-    result = train(load("tiny:sd1"), LoRA(cfg), cfg, TrainConfig(**options), data, out, "a", progress=False)
+    result = train(load("tiny:sd1"), LoRA(cfg), TrainConfig(**options), data, out, "a", progress=False)
     from sdtune.artifacts import load_artifact
 
     return load_artifact(result.paths[0])[0], result
@@ -72,7 +72,7 @@ def test_v_prediction_model_trains(tmp_path, subject_dir):
     cfg = LoRAConfig(rank=2, format="sdtune")
     model = load("tiny:sd2")
     assert model.noise_scheduler().config.prediction_type == "v_prediction"
-    result = train(model, LoRA(cfg), cfg, TrainConfig(steps=2, log_dir="none"),
+    result = train(model, LoRA(cfg), TrainConfig(steps=2, log_dir="none"),
                    DataConfig(images=str(subject_dir), token="sks", class_word="dog"), tmp_path, "v", progress=False)
     assert result.paths[0].is_file()
 

@@ -93,7 +93,7 @@ def test_artifact_list_kinds_and_prompt_syntax(tmp_path):
     entries = {e.path.name: e for e in scan([runs, tmp_path / "absent"])}
     assert set(entries) == {"dog.safetensors", "cat-style.safetensors", "notes.safetensors"}
     assert entries["dog.safetensors"].syntax == "<lora:dog:1>"
-    assert entries["cat-style.safetensors"].kind == "embedding"
+    assert entries["cat-style.safetensors"].kind == "textual-inversion"
     assert entries["cat-style.safetensors"].syntax == "cat-style"
     assert entries["notes.safetensors"].syntax == "" and "unreadable" in entries["notes.safetensors"].layout
     assert classify(runs / "dog" / "dog.safetensors").layout.startswith("LoRA (kohya")

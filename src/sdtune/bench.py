@@ -27,10 +27,7 @@ import torch
 from .config import COMPILE_MODES
 from .errors import SdtuneError
 
-# A typical learning rate per method (the step's cost does not depend on it) and tokens each method accepts.
-METHOD_LR = {"lora": 1e-4, "textual-inversion": 5e-4, "hypernetwork": 1e-5, "dreambooth": 5e-6}
-METHOD_TOKEN = {"textual-inversion": "<bench-token>"}
-DEFAULT_TOKEN = "sks"
+DEFAULT_TOKEN = "sks"  # the subject's word, as each method spells it (its token_template)
 GIB = 2**30
 
 
@@ -39,7 +36,7 @@ class BenchSpec:
     """What to benchmark: every method x compile mode combination is one run."""
 
     model: str = "tiny:sd1"
-    methods: list[str] = field(default_factory=lambda: ["lora"])
+    methods: list[str] = field(default_factory=lambda: [_first_method()])
     compile_modes: list[str] = field(default_factory=lambda: ["auto"])
     batch_size: int = 1
     resolution: int = 0  # 0: the model's native resolution
@@ -72,6 +69,12 @@ class BenchSpec:
             from .outputs import check_folder_path
 
             check_folder_path(Path(self.output), "--output")  # before any model is built
+
+
+def _first_method() -> str:
+    from .methods import first
+
+    return first()
 
 
 class StepClock:
@@ -218,15 +221,15 @@ def run_one(spec: BenchSpec, method_name: str, compile_mode: str, device: torch.
         record.update(resolution=resolution, mixed_precision=precision)
         images = write_synthetic_images(work / f"images-{resolution}", resolution, max(4, spec.batch_size))
         method_cls = methods.get(method_name)
-        method_cfg = method_cls.config_class()
+        # A typical learning rate (the step's cost does not depend on it), the method's own spelling of the token.
         train_cfg = TrainConfig(steps=spec.warmup + spec.steps + 1, batch_size=spec.batch_size, seed=spec.seed,
-                                lr=METHOD_LR.get(method_name, 1e-4), device=device.type, mixed_precision=precision,
+                                lr=method_cls.default_lr, device=device.type, mixed_precision=precision,
                                 compile=compile_mode, channels_last=spec.channels_last, log_dir="none")
-        data_cfg = DataConfig(images=str(images), token=METHOD_TOKEN.get(method_name, DEFAULT_TOKEN),
+        data_cfg = DataConfig(images=str(images), token=method_cls.token_template.format(token=DEFAULT_TOKEN),
                               class_word="dog", resolution=resolution)
         clock.start = time.perf_counter()
-        result = train(model, method_cls(method_cfg), method_cfg, train_cfg, data_cfg, work / method_name,
-                       method_name, progress=False, on_step=clock)
+        result = train(model, method_cls(), train_cfg, data_cfg, work / method_name, method_name, progress=False,
+                       on_step=clock)
         record.update(_figures(clock, result, spec, device))
     except (SdtuneError, torch.OutOfMemoryError, RuntimeError) as exc:
         record["error"] = str(exc).splitlines()[0][:300]

@@ -18,9 +18,9 @@ BENCH_KINDS = ("steps", "sizes", "scaling")
 
 def bench_from_args(args) -> str:
     """`sdtune bench` parsed arguments -> the text to print."""
-    from .methods import METHODS
+    from .methods import registry
 
-    spec = BenchSpec(model=args.model, methods=list(METHODS) if args.method == "all" else _items(args.method),
+    spec = BenchSpec(model=args.model, methods=list(registry()) if args.method == "all" else _items(args.method),
                      compile_modes=_items(args.compile), batch_size=args.batch_size, resolution=args.resolution,
                      steps=args.steps, warmup=args.warmup, mixed_precision=args.mixed_precision,
                      channels_last=args.channels_last, device=args.device, seed=args.seed, output=args.output)

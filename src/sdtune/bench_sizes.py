@@ -34,21 +34,20 @@ def _materialise(params: list[torch.nn.Parameter]) -> None:
 def method_size(spec: str, method_name: str, out_dir: Path) -> dict:
     """What `method_name`'s default artifact for the `spec` architecture weighs, and how that was found."""
     from . import methods
-    from .bench import DEFAULT_TOKEN, METHOD_TOKEN
+    from .bench import DEFAULT_TOKEN
     from .config import DataConfig
     from .model import build_from_config
     from .train import _as_param_groups
 
     model = build_from_config(spec, device="meta")
     method_cls = methods.get(method_name)
-    cfg = method_cls.config_class()
-    method = method_cls(cfg)
-    if hasattr(method, "check_data"):
-        method.check_data(model, DataConfig(token=METHOD_TOKEN.get(method_name, DEFAULT_TOKEN), class_word="dog"))
-    params = [p for group in _as_param_groups(method.setup(model, cfg)) for p in group["params"]]
+    method = method_cls()
+    method.check_data(model, DataConfig(token=method_cls.token_template.format(token=DEFAULT_TOKEN), class_word="dog"))
+    params = [p for group in _as_param_groups(method.setup(model)) for p in group["params"]]
     record = {"method": method_name, "model": spec, "trainable_params": sum(p.numel() for p in params)}
-    if hasattr(method, "planned_files"):
-        files = {name: payload_bytes(tensors) for name, tensors in method.planned_files(model, method_name).items()}
+    planned = method.planned_files(model, method_name)
+    if planned is not None:
+        files = {name: payload_bytes(tensors) for name, tensors in planned.items()}
         return {**record, "how": "from shapes", "files": files, "bytes": sum(files.values())}
     _materialise(params)
     card = {"method": method.name, "sdtune_version": __version__, "base_model": spec, "base_family": model.family,

@@ -14,7 +14,6 @@ from .config import GENERATE_STEPS, DataConfig, TrainConfig, build, load_config_
 from .errors import SdtuneError
 from .progress import quiet_libraries
 
-METHOD_NAMES = ("lora", "textual-inversion", "dreambooth", "hypernetwork")
 MAX_STEPS_VARIABLE = "SDTUNE_MAX_STEPS"
 WINDOWS_ILLEGAL = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
 
@@ -56,16 +55,20 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="sdtune", description="Personalise Stable Diffusion models: "
-                                     "DreamBooth, Textual Inversion, LoRA and Hypernetworks.")
+    from . import methods
+    from .extract_lora import DEFAULT_LAYOUT, LAYOUT_NAMES
+
+    registered = methods.registry()  # every method's subcommand, settings, tags and layouts come from here
+    labels = [cls.label for cls in registered.values()]
+    parser = _Parser(prog="sdtune", description=f"Personalise Stable Diffusion models: {methods.listing(labels)}.")
     parser.add_argument("--version", action="version", version=f"sdtune {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an unexpected error")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     train = sub.add_parser("train", help="train a method on a subject")
     train_methods = train.add_subparsers(title="methods", metavar="METHOD")
-    for method in METHOD_NAMES:
-        p = train_methods.add_parser(method, help=f"train {method}", epilog=_builtin_defaults_text(method))
+    for method, method_cls in registered.items():
+        p = train_methods.add_parser(method, help=f"train {method_cls.label}", epilog=_builtin_defaults_text(method))
         _add_model_args(p)
         p.add_argument("--output", required=True, help="folder for the artifact, checkpoints and logs")
         p.add_argument("--name", help="artifact name (default: the token, made file-name safe)")
@@ -73,14 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress and no hints: only the written paths")
         _add_dataclass_args(p, DataConfig)
         _add_dataclass_args(p, TrainConfig)
-        cfg_cls = _method_config_class(method)
-        if cfg_cls is not None:
-            _add_dataclass_args(p, cfg_cls)
+        _add_dataclass_args(p, method_cls.config_class)
         p.set_defaults(handler=cmd_train, method=method)
 
     gen = sub.add_parser("generate", help="generate images, with artifacts named in the prompt")
     _add_model_args(gen)
-    gen.add_argument("--prompt", required=True, help="prompt; <lora:NAME:W> and <hypernet:NAME:W> apply artifacts")
+    gen.add_argument("--prompt", required=True, help=f"prompt; {methods.prompt_syntax()}")
     gen.add_argument("--negative-prompt", default="")
     gen.add_argument("--artifacts", action="append", default=[], metavar="DIR",
                      help="folder to find artifacts in (repeatable; default: the current folder)")
@@ -96,10 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", required=True, help="image path (PNG/JPEG); with -n K also PATH-0 ... PATH-K-1")
     gen.set_defaults(handler=cmd_generate)
 
-    conv = sub.add_parser("convert", help="convert an artifact between sdtune, diffusers, kohya and a1111 layouts")
+    targets = methods.conversion_targets()
+    conv = sub.add_parser("convert", help=f"convert an artifact between {methods.listing(list(targets))} layouts")
     conv.add_argument("input")
     conv.add_argument("output")
-    conv.add_argument("--to", choices=("sdtune", "diffusers", "kohya", "a1111"))
+    conv.add_argument("--to", choices=targets)
     conv.add_argument("--model", help="base model whose layer names resolve ambiguous keys (default: by family)")
     conv.set_defaults(handler=cmd_convert)
 
@@ -115,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--targets", default="attn", help="UNet layer groups (attn, ff, conv) or module-name suffixes")
     ext.add_argument("--text-encoder", action=argparse.BooleanOptionalAction, default=True,
                      help="also extract the text encoders' attention projections where they changed")
-    ext.add_argument("--format", choices=("kohya", "diffusers", "sdtune"), default="kohya", help="file layout")
+    ext.add_argument("--format", choices=LAYOUT_NAMES, default=DEFAULT_LAYOUT, help="file layout")
     ext.add_argument("--model-config", help="local diffusers folder giving single-file checkpoints' architecture")
     ext.add_argument("--output", required=True, help="the LoRA .safetensors file to write")
     ext.set_defaults(handler=cmd_extract_lora)
@@ -126,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "and peak memory against --resolutions and --batch-sizes")
     bench.add_argument("--model", default="tiny:sd1", help="random:sd15|sd2|sdxl (full size, for GPUs), tiny:sd1|sd2|sdxl, "
                        "or any --model spec")
-    bench.add_argument("--method", default="lora", help="comma list of methods, or all")
+    bench.add_argument("--method", default=methods.first(),
+                       help=f"comma list of methods ({', '.join(registered)}), or all")
     bench.add_argument("--compile", default="auto", help="comma list of UNet modes (auto, off, cuda-graphs, default, "
                        "reduce-overhead, max-autotune); each is its own run")
     bench.add_argument("--batch-size", type=int, default=1)
@@ -144,16 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="one JSON line instead of a table")
     bench.set_defaults(handler=cmd_bench)
 
-    cmp = sub.add_parser("compare", help="train the four methods on one subject and report them side by side")
+    cmp = sub.add_parser("compare", help="train every method on one subject and report them side by side")
     _add_model_args(cmp)
     cmp.add_argument("--images", default="", help="folder of subject images (default: the builtin subject)")
     cmp.add_argument("--token", default="", help="the subject's identifier (default: sks)")
     cmp.add_argument("--class-word", default="", help="the subject's class, e.g. dog (needed with --images)")
-    cmp.add_argument("--methods", default="all", help="all, or a comma list of rows or methods (dreambooth, "
-                     "dreambooth-no-prior, textual-inversion, lora, hypernetwork)")
+    rows = [row.name for cls in registered.values() for row in methods.rows_of(cls)]
+    cmp.add_argument("--methods", default="all", help=f"all, or a comma list of rows or methods ({', '.join(rows)})")
     cmp.add_argument("--seeds", type=int, default=1, help="seeds per row: quality pooled over them, costs averaged")
-    cmp.add_argument("--config", help="YAML/TOML file deep-merged over the recommended settings "
-                     "(the layout of sdtune/compare/recipes.yaml)")
+    cmp.add_argument("--config", help="YAML/TOML file deep-merged over the recommended settings: eval and data "
+                     "(as in sdtune/compare/recipes.yaml) and rows (ROW: {method, train, data, METHOD, token})")
     cmp.add_argument("--clip-model", help="CLIP folder or hub id for CLIP-I and CLIP-T (own subjects)")
     cmp.add_argument("--dino-model", help="DINO ViT folder or hub id for DINO, prior preservation and diversity "
                      "(own subjects)")
@@ -218,13 +221,6 @@ def _builtin_defaults_text(method: str) -> str:
             "The defaults shown above are for real Stable Diffusion models.").replace("%", "%%")
 
 
-def _method_config_class(method: str):
-    from .methods import registry
-
-    cls = registry().get(method)
-    return cls.config_class if cls else None
-
-
 def _section(args: argparse.Namespace, cls, file_values: dict) -> dict:
     values = dict(file_values)
     for f in dataclasses.fields(cls):
@@ -268,14 +264,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     train_cfg = _capped(build(TrainConfig, _section(args, TrainConfig, file_values.get("train", {})), "train"))
     method_cfg = build(method_cls.config_class,
                        _section(args, method_cls.config_class, file_values.get(args.method, {})), args.method)
-    method, name = method_cls(method_cfg), args.name or default_name(data_cfg.token)
+    method, name = method_cls(method_cfg), args.name or default_name(data_cfg.token)  # the settings, once
     outputs.plan(args.output, name, method.output_files(name, None), train_cfg.log_dir)  # before the model loads
     from .data import load_image_folder
 
     for folder in filter(None, (data_cfg.images, data_cfg.validation_images)):
         load_image_folder(folder)  # bad images fail before a model loads
     model = load(args.model, config=args.model_config)
-    result = train(model, method, method_cfg, train_cfg, data_cfg, Path(args.output), name, progress=not args.quiet)
+    result = train(model, method, train_cfg, data_cfg, Path(args.output), name, progress=not args.quiet)
     for path in result.paths:
         print(path)
     if args.quiet:
@@ -345,12 +341,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_subject(args: argparse.Namespace) -> int:
+    from .methods import first
     from .toyworld.subject import CLASS_WORD, INSTANCE_PROMPT, write_subject_folder
 
     folder = Path(args.folder)
     paths = write_subject_folder(folder)
+    method = first()
     print(f"Wrote {len(paths)} images of the builtin subject ('{INSTANCE_PROMPT}') with captions to {folder}; "
-          f"train on them with: sdtune train lora --images {folder} --class-word {CLASS_WORD} --output out/")
+          f"train on them with: sdtune train {method} --images {folder} --class-word {CLASS_WORD} --output out/")
     return 0
 
 

@@ -16,7 +16,11 @@ from pathlib import Path
 import torch
 
 from .errors import SdtuneError
-from .methods.lora import TEXT_TARGETS, encode_state, unet_target_modules
+from .formats import written_names
+from .methods.lora import TEXT_TARGETS, LoRA, encode_state, unet_target_modules
+
+LAYOUT_NAMES = written_names(LoRA.layouts)  # `--format` choices: the LoRA layouts
+DEFAULT_LAYOUT = LoRA.config_class().format  # as `sdtune train lora` writes
 
 
 @dataclass
@@ -128,7 +132,7 @@ def _matches(path: str, suffixes: list[str]) -> bool:
 
 
 def extract_lora_file(base_spec: str, tuned_spec: str, rank: int, output: str | Path, targets: str = "attn",
-                      fmt: str = "kohya", text_encoder: bool = True, alpha: float | None = None,
+                      fmt: str = DEFAULT_LAYOUT, text_encoder: bool = True, alpha: float | None = None,
                       model_config: str | None = None) -> str:
     """Load both models, extract, write `output` atomically (kohya layout by default); return the report."""
     from .artifacts import run_card, save_artifact
@@ -139,7 +143,7 @@ def extract_lora_file(base_spec: str, tuned_spec: str, rank: int, output: str | 
     base, tuned = load(base_spec, config=model_config), load(tuned_spec, config=model_config)
     state, report = extract_lora(base, tuned, rank, targets, text_encoder, alpha)
     tensors, extra = encode_state(state, fmt, base)
-    card = run_card(method="lora", base_model=base.source, base_family=base.family, base_hash=base.fingerprint(),
+    card = run_card(method=LoRA.name, base_model=base.source, base_family=base.family, base_hash=base.fingerprint(),
                     prediction_type=base.prediction_type, extracted_from=tuned.source, lora_rank=str(rank),
                     lora_alpha=f"{report.alpha:g}" if report.alpha else "rank", lora_targets=targets,
                     kept_norm_fraction=f"{report.kept:.6f}", covered_norm_fraction=f"{report.covered:.6f}")

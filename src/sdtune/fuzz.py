@@ -24,8 +24,6 @@ from typing import Any
 
 from .errors import SdtuneError
 
-ARTIFACT_METHODS = ("lora", "textual-inversion", "hypernetwork")
-
 
 @dataclass
 class Context:
@@ -102,26 +100,26 @@ class Outcome:
 # Checks ---------------------------------------------------------------------------------------------------
 
 def check_file(data: bytes, suffix: str, ctx: Context) -> None:
-    """What `inspect`, `generate` (tags and embedding names) and `convert` do with a file, in turn."""
+    """What `inspect`, `generate` (tags and names written as words) and `convert` do with a file, in turn."""
     from .artifacts import load_artifact
     from .inspection import describe_artifact
-    from .formats.embeddings import file_names
+    from .methods import registry
 
     path = ctx.file(data, suffix)
-    ctx.refusals_allowed(lambda: describe_artifact(path), lambda: file_names(path))
+    ctx.refusals_allowed(lambda: describe_artifact(path),
+                         *(lambda cls=cls: cls.prompt_words(path) for cls in registry().values() if cls.found_by_name))
     obj, metadata = load_artifact(path)
     decode_everywhere(obj, metadata, path, ctx)
 
 
 def decode_everywhere(obj: Any, metadata: dict, path: Path, ctx: Context, family: str = "sd1") -> None:
-    """Sniff `obj` and decode it as every artifact kind; whatever decodes is applied and the model run."""
+    """Sniff `obj` and decode it as every kind a prompt applies; whatever decodes is applied and the model run."""
     from .artifacts import flatten_tensors
     from .formats import sniff_format
-    from .methods import get
+    from .methods import prompt_applied
 
     ctx.refusals_allowed(lambda: sniff_format(list(flatten_tensors(obj)), metadata))
-    for name in ARTIFACT_METHODS:
-        cls = get(name)
+    for cls in prompt_applied():
         cls.recognises(obj, metadata)
         ctx.refusals_allowed(lambda: ctx.mark_read(apply_and_run(cls, obj, metadata, path, ctx.model(family))))
 
@@ -169,15 +167,16 @@ def check_config(sections: Any, ctx: Context) -> None:
     import json
 
     from .config import DataConfig, TrainConfig, build, load_config_file
-    from .methods import get
+    from .methods import registry
 
     path = ctx.file(json.dumps(sections, default=str).encode(), ".yaml")
     ctx.refusals_allowed(lambda: load_config_file(path))
     if not isinstance(sections, dict):
         return
+    methods = registry()
     for section, values in sections.items():
         cls = {"data": DataConfig, "train": TrainConfig}.get(section)
-        cls = cls or (get(section).config_class if section in ARTIFACT_METHODS else None)
+        cls = cls or (methods[section].config_class if section in methods else None)
         if cls is not None:
             ctx.refusals_allowed(lambda: assert_typed(ctx.mark_read(
                 build(cls, values if isinstance(values, dict) else {}, section))))

@@ -355,11 +355,12 @@ def prompts() -> st.SearchStrategy:
 def config_sections() -> st.SearchStrategy:
     """Config-file sections with real setting names and values of any type."""
     from .config import DataConfig, TrainConfig
+    from .methods import registry
 
     names = [f.name for cls in (DataConfig, TrainConfig) for f in cls.__dataclass_fields__.values()]
     values = st.one_of(plain_values(), numbers(), st.sampled_from(("1e-4", "fp8", "1e22", "-inf", "12", " 7")))
     section = st.dictionaries(st.one_of(st.sampled_from(names), st.text(max_size=5)), values, max_size=4)
-    return st.one_of(st.dictionaries(st.sampled_from(("data", "train", "lora", "hypernetwork", "x")),
+    return st.one_of(st.dictionaries(st.sampled_from(("data", "train", *registry(), "x")),
                                      st.one_of(section, plain_values()), max_size=3), plain_values())
 
 

@@ -54,10 +54,6 @@ class GenerateOptions:
     report: Report = _silent
 
 
-def _plural(count: int, word: str) -> str:
-    return f"{count} {word}{'' if count == 1 else 's'}"
-
-
 # Option -> (flag, type, lowest, highest): checked before a model loads, so nothing is sampled or allocated
 # first. Schedulers are trained on 1000 timesteps (more steps than that are refused by them); -n is sampled in
 # chunks of CHUNK, but every image stays in memory until it is saved.
@@ -115,18 +111,18 @@ def make_scheduler(model, name: str):
 
 def apply_prompt_artifacts(model, prompt: str, artifact_dirs: list[Path],
                            report: Report = _silent) -> str:
-    """Apply every <lora:...>/<hypernet:...> named in the prompt, reporting each file; return the prompt
-    without the tags."""
-    from .methods import get
+    """Apply every artifact a prompt tag names (<lora:...>, <hypernet:...>: the registered methods' tags),
+    reporting each file; return the prompt without the tags."""
+    from .methods import by_prompt_tag
     from .prompt import parse_artifact_tags, resolve_artifact
 
     text, tags = parse_artifact_tags(prompt)
+    methods = by_prompt_tag()
     for tag in tags:
         path = resolve_artifact(tag, artifact_dirs)
         tensors, metadata = load_for_model(model, path)
-        method = get(tag.kind if tag.kind != "hypernet" else "hypernetwork")()
-        state = method.decode_file(model, tensors, metadata, path) if hasattr(method, "decode_file") else tensors
-        method.apply(model, state, tag.weight, name=tag.name)
+        method = methods[tag.kind]()
+        method.apply(model, method.decode_file(model, tensors, metadata, path), tag.weight, name=tag.name)
         report(f"using {tag.kind} {path} (weight {tag.weight:g})")
     return text
 
@@ -144,31 +140,33 @@ def load_for_model(model, path: Path) -> tuple:
     return tensors, metadata
 
 
-EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
-
-
 def activate_embeddings(model, texts: list[str], artifact_dirs: list[Path],
                         report: Report = _silent) -> list[str]:
-    """Load every Textual Inversion embedding whose name is written as a word in `texts` (earlier folders and
-    shallower files win), reporting each file; return the texts with those names spelled as registered, which
-    lets the pipeline expand a multi-vector name to all its vectors (tok -> "tok tok_1 tok_2", as diffusers
-    does). A1111's convention makes any file stem a trigger word, so the report says which files a prompt woke."""
-    from .formats.embeddings import detect, file_names
-    from .methods import get
+    """Load every file of a method that finds its files by name (Textual Inversion embeddings) whose name is
+    written as a word in `texts` (earlier folders and shallower files win), reporting each file; return the
+    texts with those names spelled as registered, which lets the pipeline expand a multi-vector name to all its
+    vectors (tok -> "tok tok_1 tok_2", as diffusers does). A1111's convention makes any file stem a trigger word,
+    so the report says which files a prompt woke."""
+    from .methods import listing, registry
 
-    method, active = get("textual-inversion")(), set()
-    for path in _artifact_files(artifact_dirs, EMBEDDING_SUFFIXES):
-        name = next((n for n in file_names(path) if n.lower() not in active and _word_in(n, texts)), None)
-        if name is None:
-            continue
-        obj, metadata = load_for_model(model, path)
-        if detect(obj) is None:
-            continue  # e.g. a hypernetwork .pt whose stem is also a word of the prompt
-        vectors = method.decode_file(model, obj, metadata, path)
-        method.apply(model, vectors, name=name)
-        active.add(name.lower())
-        report(f"using embedding {path} ({_plural(next(iter(vectors.values())).shape[0], 'vector')})")
-    _refuse_unknown_new_words(model, texts, active, artifact_dirs)
+    finders = [cls for cls in registry().values() if cls.found_by_name]
+    active: set[str] = set()
+    for cls in finders:
+        method = cls()
+        for path in _artifact_files(artifact_dirs, tuple(dict.fromkeys(lay.suffix for lay in cls.layouts))):
+            name = next((n for n in cls.prompt_words(path) if n.lower() not in active and _word_in(n, texts)), None)
+            if name is None:
+                continue
+            obj, metadata = load_for_model(model, path)
+            if not cls.recognises(obj, metadata):
+                continue  # e.g. a hypernetwork .pt whose stem is also a word of the prompt
+            state = method.decode_file(model, obj, metadata, path)
+            method.apply(model, state, name=name)
+            active.add(name.lower())
+            facts = method.describe(state)
+            report(f"using {cls.file_noun} {path}" + (f" ({facts})" if facts else ""))
+    if finders:
+        _refuse_unknown_new_words(model, texts, active, artifact_dirs, listing([c.file_noun for c in finders], "or"))
     for name in active:
         texts = [_word_pattern(name).sub(lambda _, n=name: n, t) for t in texts]
     return texts
@@ -178,15 +176,16 @@ def activate_embeddings(model, texts: list[str], artifact_dirs: list[Path],
 NEW_WORD = re.compile(r"<[^<>:\s]+>")
 
 
-def _refuse_unknown_new_words(model, texts: list[str], active: set[str], artifact_dirs: list[Path]) -> None:
-    """A misspelled embedding would be read as plain text, silently; refuse a <word> that no embedding found
+def _refuse_unknown_new_words(model, texts: list[str], active: set[str], artifact_dirs: list[Path],
+                              noun: str) -> None:
+    """A misspelled embedding would be read as plain text, silently; refuse a <word> that no file found by name
     answers to and that the tokenizers do not already hold as one token."""
     for word in (w for text in texts for w in NEW_WORD.findall(text)):
         known = word.lower() in active or any(len(tok.encode(word, add_special_tokens=False)) == 1
                                               for tok in model.tokenizers)
         if not known:
             folders = ", ".join(map(str, artifact_dirs)) or "the artifact folders"
-            raise SdtuneError(f"The prompt names {word}, but no embedding in {folders} answers to it; check the "
+            raise SdtuneError(f"The prompt names {word}, but no {noun} in {folders} answers to it; check the "
                               "spelling, or pass the folder that holds it with --artifacts.")
 
 

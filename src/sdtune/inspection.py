@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .artifacts import SAFETENSORS_SUFFIX, check_readable, flatten_tensors, load_artifact
-from .formats import sniff_format
+from .formats import Sniffed, sniff, sniff_format
 from .untrusted import ST_DTYPES, check_safetensors_header, unreadable
 
 
@@ -55,11 +55,10 @@ def _pretty(value: str, limit: int = 600) -> str:
     return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
-def artifact_format(path: str | os.PathLike) -> str:
-    """The one-line layout name `sdtune inspect` shows (a safetensors file's data is not read)."""
+def artifact_sniff(path: str | os.PathLike) -> Sniffed:
+    """What a file is: the layout `sdtune inspect` names and its method (a safetensors file's data is not read)."""
     rows, metadata = _summary(Path(path))
-    return sniff_format([name for name, _, _ in rows], metadata)
-
+    return sniff([name for name, _, _ in rows], metadata)
 
 def describe_artifact(path: str | os.PathLike) -> str:
     """What `sdtune inspect FILE` prints: layout, tensor count, parameters, bytes, dtypes and the run card."""

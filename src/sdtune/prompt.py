@@ -12,16 +12,11 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Sequence
 
 from sdtune.errors import SdtuneError
 from sdtune.scan import regular_files
 
-ArtifactKind = Literal["lora", "hypernet"]
-
-# `lyco` is accepted as an alias of `lora`, as A1111's built-in Lora extension does (LyCORIS files load through it).
-_KIND_ALIASES: dict[str, ArtifactKind] = {"lora": "lora", "lyco": "lora", "hypernet": "hypernet"}
-_TAG_RE = re.compile(r"<(lora|lyco|hypernet):([^>]*)>", re.IGNORECASE)
 _WEIGHT_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 MAX_TAG_WEIGHT = 100.0  # A1111 users write 0..2; beyond 100 an artifact only breaks the image
 
@@ -49,15 +44,28 @@ _BREAK_RE = re.compile(r"\s*\bBREAK\b\s*", re.S)
 
 @dataclass(frozen=True)
 class ArtifactTag:
-    """One `<kind:name:weight>` tag found in a prompt; `text` is the tag as written (for messages)."""
+    """One `<kind:name:weight>` tag found in a prompt; `kind` is the method's own tag (an alias such as `lyco`
+    becomes it), `text` is the tag as written (for messages)."""
 
-    kind: ArtifactKind
+    kind: str
     name: str
     weight: float = 1.0
     text: str = ""
 
 
-def _parse_tag(match: re.Match[str]) -> ArtifactTag:
+def _tags() -> dict[str, str]:
+    """Every tag a prompt may write (lower case) -> the method's own tag: the registered methods' tags and
+    aliases (`lyco` is `lora`'s, as in A1111's built-in Lora extension)."""
+    from .methods import by_prompt_tag
+
+    return {tag: cls.prompt_tag for tag, cls in by_prompt_tag().items()}
+
+
+def _tag_pattern(tags: dict[str, str]) -> re.Pattern[str]:
+    return re.compile(rf"<({'|'.join(map(re.escape, tags)) or '(?!)'}):([^>]*)>", re.IGNORECASE)
+
+
+def _parse_tag(match: re.Match[str], tags: dict[str, str]) -> ArtifactTag:
     """Turn one regex match into an ArtifactTag, refusing empty names and non-numeric weights."""
     raw, kind, body = match.group(0), match.group(1).lower(), match.group(2)
     fields = [f.strip() for f in body.split(":")]
@@ -78,7 +86,7 @@ def _parse_tag(match: re.Match[str]) -> ArtifactTag:
         if not (math.isfinite(weight) and abs(weight) <= MAX_TAG_WEIGHT):
             raise SdtuneError(f"prompt tag {raw} has weight {fields[1]}, outside -{MAX_TAG_WEIGHT:g} to "
                               f"{MAX_TAG_WEIGHT:g} (larger weights overflow into NaN images): use e.g. 0.8.")
-    return ArtifactTag(kind=_KIND_ALIASES[kind], name=name, weight=weight, text=raw)
+    return ArtifactTag(kind=tags[kind], name=name, weight=weight, text=raw)
 
 
 def _is_blank(segment: str) -> bool:
@@ -100,15 +108,17 @@ def _join(left: str, right: str) -> str:
 
 
 def parse_artifact_tags(prompt: str) -> tuple[str, list[ArtifactTag]]:
-    """Strip <lora:NAME:W>, <lyco:NAME:W> (alias of lora) and <hypernet:NAME:W> tags from a prompt.
+    """Strip the registered methods' tags from a prompt: <lora:NAME:W>, <lyco:NAME:W> (alias of lora),
+    <hypernet:NAME:W>.
 
     Returns the cleaned text and the tags in order of appearance. A prompt without tags is returned unchanged;
     other `<...>` text is left alone. Names may hold spaces, dashes and dots but not ':' or '>'.
     """
-    matches = list(_TAG_RE.finditer(prompt))
+    known = _tags()
+    matches = list(_tag_pattern(known).finditer(prompt))
     if not matches:
         return prompt, []
-    tags = [_parse_tag(m) for m in matches]
+    tags = [_parse_tag(m, known) for m in matches]
     segments, start = [], 0
     for m in matches:
         segments.append(prompt[start : m.start()])

@@ -43,10 +43,11 @@ class TrainResult:
     speed: dict[str, str] = field(default_factory=dict)  # the speed settings as resolved for this run
 
 
-def train(model, method, method_cfg, train_cfg: TrainConfig, data_cfg: DataConfig, out_dir: str | Path,
-          name: str, fmt: str | None = None, progress: bool = True,
+def train(model, method, train_cfg: TrainConfig, data_cfg: DataConfig, out_dir: str | Path, name: str,
+          fmt: str | None = None, progress: bool = True,
           on_step: Callable[[int, float], bool | None] | None = None) -> TrainResult:
-    """Train `method` on `model` with the subject in `data_cfg`; write the artifact to out_dir/name.*
+    """Train `method` (a sdtune.methods.Method holding its settings) on `model` with the subject in `data_cfg`;
+    write the artifact to out_dir/name.*
 
     `on_step(step, loss)` runs after each step (e.g. a UI's progress; `loss` is the newest one read on the
     host, see TrainConfig.sync_every); when it returns True the run stops with a checkpoint of that step
@@ -57,13 +58,13 @@ def train(model, method, method_cfg, train_cfg: TrainConfig, data_cfg: DataConfi
     target sdtune did not make, is refused; the folder is locked for the run."""
     targets = outputs.plan(out_dir, name, method.output_files(name, fmt), train_cfg.log_dir)
     with outputs.claim(targets, main_process=is_main_process()), faults.memory_advice(out_dir):
-        result = _train(model, method, method_cfg, train_cfg, data_cfg, Path(out_dir), name, fmt, progress, on_step)
+        result = _train(model, method, train_cfg, data_cfg, Path(out_dir), name, fmt, progress, on_step)
         if result.paths:
             outputs.record(targets)
         return result
 
 
-def _train(model, method, method_cfg, train_cfg: TrainConfig, data_cfg: DataConfig, out_dir: Path, name: str,
+def _train(model, method, train_cfg: TrainConfig, data_cfg: DataConfig, out_dir: Path, name: str,
            fmt: str | None, progress: bool, on_step: Callable[[int, float], bool | None] | None) -> TrainResult:
     started = time.time()
     accelerator = make_accelerator(train_cfg)
@@ -79,21 +80,20 @@ def _train(model, method, method_cfg, train_cfg: TrainConfig, data_cfg: DataConf
     model.vae.to(dtype=torch.float32)  # SDXL's VAE overflows in fp16; it runs once per image anyway
     class_records = _class_images(model, data_cfg, train_cfg, out_dir, accelerator, progress)
     torch.manual_seed(train_cfg.seed)
-    if hasattr(method, "check_data"):
-        method.check_data(model, data_cfg)  # method-specific warnings about the data (e.g. a common token)
-    param_groups = _as_param_groups(method.setup(model, method_cfg))
+    method.check_data(model, data_cfg)  # method-specific warnings about the data (e.g. a common token)
+    param_groups = _as_param_groups(method.setup(model))
     stops = [(group.pop("stop_after"), group["params"]) for group in param_groups if group.get("stop_after")]
     params = [p for group in param_groups for p in group["params"]]
     for param in params:
         param.data = param.data.float()  # trainable values always in fp32
-    if device.type == "cuda" and not getattr(method, "saves_frozen_weights", False):
+    if device.type == "cuda" and not method.saves_frozen_weights:
         _store_frozen_weights(model, weight_dtype)  # an artifact holding frozen weights keeps them exact
         torch.cuda.reset_peak_memory_stats(device)  # peak memory measures training, not loading
     if train_cfg.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
 
     # 2. Examples: latents and text conditioning computed once where nothing about them changes.
-    templates = method.prompt_templates(model) if hasattr(method, "prompt_templates") else None
+    templates = method.prompt_templates(model)
     examples = build_training_set(model, data_cfg, train_cfg, accelerator, templates, class_records)
     examples.fill_caches()  # encoders run now, not inside the first steps
     held_out = validation_loss.for_run(model, data_cfg, train_cfg, noise_scheduler, device,
@@ -185,8 +185,7 @@ def _train(model, method, method_cfg, train_cfg: TrainConfig, data_cfg: DataConf
     peak = peak_memory_bytes(device)
     paths: list[Path] = []
     if accelerator.is_main_process:
-        card = run_card(method, model, train_cfg, data_cfg, method_cfg, wall, peak, losses, world,
-                        validation_losses)
+        card = run_card(method, model, train_cfg, data_cfg, wall, peak, losses, world, validation_losses)
         paths = method.save(model, out_dir, name, card, fmt)
         resolved = json.dumps(json.loads(card["config"]), indent=1)
         atomic_write_via(out_dir / f"{name}.config.json", lambda tmp: tmp.write_text(resolved))
@@ -330,7 +329,7 @@ def _make_optimizer(param_groups: list[dict], lr_scale: float, cfg: TrainConfig,
     return optimizer, schedule
 
 
-def run_card(method, model, train_cfg, data_cfg, method_cfg, wall: float, peak: int,
+def run_card(method, model, train_cfg, data_cfg, wall: float, peak: int,
              losses: list[float], world_size: int = 1,
              validation_losses: list[tuple[int, float]] | None = None) -> dict[str, str]:
     """Header metadata written into every artifact."""
@@ -349,7 +348,7 @@ def run_card(method, model, train_cfg, data_cfg, method_cfg, wall: float, peak: 
         "wall_time_s": f"{wall:.2f}",
         "peak_memory_bytes": str(peak),
         "final_loss": f"{losses[-1]:.6f}" if losses else "",
-        "config": to_json(data_cfg, train_cfg, method_cfg),
+        "config": to_json(data_cfg, train_cfg, method.cfg),
     }
     if validation_losses:  # (step, loss) readings on the held-out images
         card["validation_loss"] = f"{validation_losses[-1][1]:.6f}"

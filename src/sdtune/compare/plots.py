@@ -9,10 +9,8 @@ import itertools
 import numpy as np
 
 BASE_COLOUR = "#9e9e9e"
-# One colour per row in every chart: the standard rows have fixed ones (the same in every report), other rows
-# take the remaining colours in row order.
-ROW_COLOURS = {"base": BASE_COLOUR, "dreambooth": "#1f77b4", "dreambooth-no-prior": "#17becf",
-               "textual-inversion": "#2ca02c", "lora": "#ff7f0e", "hypernetwork": "#9467bd"}
+# One colour per row in every chart: the base row and the methods' own rows have fixed ones (the same in every
+# report, declared by each method), other rows take the remaining colours in row order.
 SPARE_COLOURS = ("#d62728", "#8c564b", "#e377c2", "#bcbd22", "#7f7f7f", "#393b79")
 THUMB = 96  # pixels: largest side of one image in a grid
 
@@ -35,8 +33,12 @@ def _png(plt, fig) -> bytes:
 
 def colour_table(names: list[str]) -> dict[str, str]:
     """Each row name's colour, for every chart of one report."""
+    from ..methods import registry, rows_of
+
+    fixed = {"base": BASE_COLOUR, **{row.name: row.colour for cls in registry().values() for row in rows_of(cls)
+                                     if row.colour}}
     spare = itertools.cycle(SPARE_COLOURS)
-    return {name: ROW_COLOURS.get(name) or next(spare) for name in names}
+    return {name: fixed.get(name) or next(spare) for name in names}
 
 
 def bar_chart(title: str, bars: list[tuple[str, float | None, float | None, float | None]], colours: dict[str, str],

@@ -1,7 +1,8 @@
 """What a comparison runs: the rows (base model + one per method setting), their settings and the evaluation.
 
-Settings come from recipes.yaml (a profile for the builtin model, one for real models), deep-merged with
-the user's --config file; every row's sections are validated here, before anything trains.
+Settings come from recipes.yaml (a profile for the builtin model, one for real models) and the registered
+methods (each declares its rows and their settings per profile), deep-merged with the user's --config file;
+every row's sections are validated here, before anything trains.
 """
 
 from __future__ import annotations
@@ -82,8 +83,7 @@ def load_plan(profile: str, token: str, class_word: str, methods: str = "all", c
               default_prompts: tuple[tuple[str, ...], tuple[str, ...]] | None = None) -> Plan:
     """Resolve the profile (plus --config) into validated rows; `default_prompts` are (subject, class)
     prompt templates used when the profile names none (the toy world's evaluation prompts)."""
-    recipe = merge(yaml.safe_load(RECIPES.read_text(encoding="utf-8"))[profile],
-                   load_config_file(config) if config else {})
+    recipe = merge(profile_recipe(profile), load_config_file(config) if config else {})
     evaluation = _evaluation(recipe.get("eval", {}), default_prompts)
     shared = _with_class_word(recipe.get("data", {}), class_word)
     rows = [Row(BASE_ROW, None, token, shared)]
@@ -92,13 +92,23 @@ def load_plan(profile: str, token: str, class_word: str, methods: str = "all", c
     return Plan(profile, token, class_word, evaluation, rows)
 
 
+def profile_recipe(profile: str) -> dict:
+    """A profile of recipes.yaml with its rows: each registered method's compare rows, in registry order."""
+    from .. import methods
+
+    recipe = yaml.safe_load(RECIPES.read_text(encoding="utf-8"))[profile]
+    recipe["rows"] = {row.name: {"method": cls.name, **copy.deepcopy(dict(row.recipes.get(profile, {})))}
+                      for cls in methods.registry().values() for row in methods.rows_of(cls)}
+    return recipe
+
+
 def training_defaults(model: str, method: str) -> dict:
     """`sdtune train METHOD`'s defaults on `model`, in config-file shape ({"data": ..., "train": ..., METHOD:
     ...}): on the builtin model its profile's row for the method (the recipe the comparison measured; the
     library's defaults are for real models and learn nothing on it), elsewhere nothing."""
     if model != "builtin":
         return {}
-    profile = yaml.safe_load(RECIPES.read_text(encoding="utf-8"))["builtin"]
+    profile = profile_recipe("builtin")
     row = profile.get("rows", {}).get(method) or {}
     out = {"data": {k: v for k, v in profile.get("data", {}).items() if k in DATA_DEFAULT_KEYS},
            "train": dict(row.get("train", {})), method: dict(row.get(method, {}))}
@@ -166,7 +176,7 @@ def without_token(template: str) -> str:
 
 def _selected(rows: dict, methods: str) -> dict:
     """Rows named by --methods: 'all', or a comma list of row names and/or method names."""
-    from ..methods import METHODS
+    from ..methods import registry
 
     if methods.strip() == "all":
         return rows
@@ -174,7 +184,7 @@ def _selected(rows: dict, methods: str) -> dict:
     for item in (m.strip() for m in methods.split(",") if m.strip()):
         matches = {n: s for n, s in rows.items() if n == item or (isinstance(s, dict) and s.get("method") == item)}
         if not matches:
-            known = sorted(set(rows) | set(METHODS))
+            known = sorted(set(rows) | set(registry()))
             raise SdtuneError(f"--methods names '{item}', which is no row or method; choose from all, {', '.join(known)}.")
         picked.update(matches)
     return {n: s for n, s in rows.items() if n in picked}
@@ -185,8 +195,8 @@ def _row(name: str, spec, shared: dict, token: str, class_word: str) -> Row:
     from .. import methods
 
     if not isinstance(spec, dict) or not spec.get("method"):
-        raise SdtuneError(f"Row '{name}' in the compare recipe needs a `method` (one of lora, textual-inversion, "
-                          "dreambooth, hypernetwork).")
+        raise SdtuneError(f"Row '{name}' in the compare recipe needs a `method` (one of "
+                          f"{', '.join(methods.registry())}).")
     method = spec["method"]
     method_cls = methods.get(method)
     unknown = sorted(set(spec) - {"method", "token", "data", "train", method})

@@ -17,7 +17,6 @@ from .reading import headline, reading
 from .sampling import load_samples
 from .usage import trained_files, where_text
 
-TITLE = "sdtune compare: DreamBooth, Textual Inversion, LoRA and Hypernetwork on one subject"
 COSTS = (("wall_time_s", "Train time", False), ("peak_memory_bytes", "Peak memory", False),
          ("trainable_params", "Trainable params", True), ("artifact_bytes", "Artifact", True))
 
@@ -31,18 +30,28 @@ def write_report(out: Path, results: dict) -> Path:
         if isinstance(block, Figure):
             atomic_write_via(out / block.file, lambda tmp, data=block.png: tmp.write_bytes(data))
     _write(out / "report.md", to_markdown(blocks))
-    return _write(out / "report.html", to_html(blocks, TITLE))
+    return _write(out / "report.html", to_html(blocks, title(results)))
 
 
 def _write(path: Path, text: str) -> Path:
     return atomic_write_via(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def title(results: dict) -> str:
+    """'sdtune compare: LoRA, Textual Inversion, ... on one subject': the methods of the compared rows."""
+    from ..methods import listing, registry
+
+    registered = registry()
+    labels = dict.fromkeys(registered[m].label if m in registered else m for m in (r["method"] for r in results["rows"])
+                           if m)
+    return f"sdtune compare: {listing(list(labels))} on one subject"
+
+
 def build_blocks(results: dict, out: Path) -> list[Block]:
     """The report, top to bottom: what ran, the table, the reading, charts, curves, images, trained files,
     settings, machine."""
     metrics = results["metrics"]
-    blocks: list[Block] = [Heading(1, TITLE), Paragraph(_summary(results)), Heading(2, "Results"),
+    blocks: list[Block] = [Heading(1, title(results)), Paragraph(_summary(results)), Heading(2, "Results"),
                            _table(results), Bullets(_notes(results)), Heading(2, "Which method when"),
                            Paragraph(headline(results)), Bullets(reading(results)),
                            Heading(2, "Quality and cost per method")]

@@ -94,9 +94,8 @@ def _train(model, job: dict, folder: Path, result: dict):
     from ..train import train
 
     method_cls = methods.get(job["method"])
-    method_cfg = build(method_cls.config_class, job["method_cfg"], job["method"])
+    method = method_cls(build(method_cls.config_class, job["method_cfg"], job["method"]))
     train_cfg = build(TrainConfig, {"log_dir": "none", **job["train"], "seed": job["seed"]}, "train")
-    method = method_cls(method_cfg)
     snapshots: dict[int, Path] = {}
     timeline: dict[int, float] = {}
     paused = [0.0]
@@ -114,7 +113,7 @@ def _train(model, job: dict, folder: Path, result: dict):
         if log.due(step, time.time()) or step == final:
             print(f"step {step}/{final} loss {loss:.5f}", file=sys.stderr, flush=True)
 
-    run = train(model, method, method_cfg, train_cfg, _data_config(job), folder / "artifact", job["row"],
+    run = train(model, method, train_cfg, _data_config(job), folder / "artifact", job["row"],
                 progress=False, on_step=on_step)
     result.update(steps=final, wall_time_s=round(run.wall_time - paused[0], 3), peak_memory_bytes=run.peak_memory,
                   memory_kind="cuda_peak_allocated" if model.device.type == "cuda" else "peak_rss",

@@ -21,13 +21,28 @@ from typing import Any
 import torch
 
 from ..errors import SdtuneError
+from . import Layout, written_names
 
-LAYOUTS = ("sdtune", "diffusers", "kohya", "a1111")
-SUFFIX = {"sdtune": ".safetensors", "diffusers": ".safetensors", "kohya": ".safetensors", "a1111": ".pt"}
 # Text-encoder component <-> SDXL file key (one table, both directions).
 SDXL_KEYS: dict[str, str] = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
 COMPONENT_OF_KEY: dict[str, str] = {v: k for k, v in SDXL_KEYS.items()}
 KOHYA_KEY = "emb_params"
+A1111_KEY = "string_to_param"
+_BY_TOKEN = "Textual Inversion (one tensor named by its token)"
+_TOKEN_KEY = rf"(?!{KOHYA_KEY}$|{A1111_KEY}\.).+"
+# The file layouts, in sniffing order. sdtune's and diffusers' files hold one tensor named by the token (any
+# name but the fixed ones of kohya's and A1111's forms); an SDXL embedding is clip_l/clip_g in every layout.
+LAYOUTS: tuple[Layout, ...] = (
+    Layout("sdtune", _BY_TOKEN, keys=_TOKEN_KEY, max_keys=1),
+    Layout("diffusers", _BY_TOKEN, keys=_TOKEN_KEY, max_keys=1),
+    Layout("kohya", "Textual Inversion (kohya / A1111 safetensors)", keys=KOHYA_KEY),
+    Layout("a1111", "Textual Inversion (A1111)", ".pt", keys=rf"{A1111_KEY}\..+"),
+    Layout("sdxl", "Textual Inversion (SDXL clip_l/clip_g)", keys="|".join(COMPONENT_OF_KEY), written=False),
+    Layout("diffusers-bin", "Textual Inversion (diffusers learned_embeds.bin)", ".bin", keys=".+", max_keys=1,
+           written=False),
+)
+LAYOUT_NAMES = written_names(LAYOUTS)
+SUFFIX = {layout.name: layout.suffix for layout in LAYOUTS if layout.written}
 GENERIC_KEYS = (KOHYA_KEY, "*")  # single-file keys that name no token
 TOKEN_METADATA = "textual-inversion_token"  # run-card field naming the token (method metadata, prefixed)
 SDTUNE_PT_KEY = "sdtune"
@@ -59,8 +74,8 @@ def detect(obj: Any) -> str | None:
     """'a1111', 'sdxl' or 'single' for an embedding (a loaded file), None for anything else."""
     if not isinstance(obj, Mapping) or not obj:
         return None
-    if "string_to_param" in obj:
-        params = obj["string_to_param"]
+    if A1111_KEY in obj:
+        params = obj[A1111_KEY]
         ok = isinstance(params, Mapping) and len(params) == 1 and _is_vectors(next(iter(params.values())))
         return "a1111" if ok else None
     if set(obj) == set(COMPONENT_OF_KEY) and all(_is_vectors(v) for v in obj.values()):
@@ -108,8 +123,8 @@ def _a1111_metadata(obj: Mapping) -> dict[str, str]:
 
 def encode_embedding(emb: Embedding, layout: str) -> dict[str, Any]:
     """Embedding -> the object written to disk in `layout` (tensors passed through untouched)."""
-    if layout not in LAYOUTS:
-        raise SdtuneError(f"An embedding is written as {', '.join(LAYOUTS)}, not {layout}.")
+    if layout not in LAYOUT_NAMES:
+        raise SdtuneError(f"An embedding is written as {', '.join(LAYOUT_NAMES)}, not {layout}.")
     if set(emb.vectors) == set(SDXL_KEYS):
         return {key: emb.vectors[component] for component, key in SDXL_KEYS.items()}
     if set(emb.vectors) != {"text_encoder"}:

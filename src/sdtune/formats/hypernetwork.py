@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import SdtuneError
+from . import Layout
 
 SIDES = ("k", "v")
 WEIGHT_INITS = ("Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal")
@@ -34,6 +35,11 @@ META_ENTRIES = "hypernetwork_a1111"
 META_WIDTHS = "hypernetwork_widths"  # "768, 320, 640, 1280": the file's width order
 META_PREFIX = "hypernetwork_"
 CANONICAL_KEY = re.compile(r"^(?P<width>\d+)\.(?P<side>[kv])\.linear\.(?P<index>\d+)\.(?P<param>weight|bias)$")
+# The file layouts, in sniffing order: sdtune's canonical keys, then A1111's (a width, then the pair's index).
+LAYOUTS: tuple[Layout, ...] = (
+    Layout("sdtune", "Hypernetwork (sdtune)", keys=CANONICAL_KEY.pattern.strip("^$")),
+    Layout("a1111", "Hypernetwork (A1111 layout)", ".pt", keys=r"\d+\..+"),
+)
 
 
 @dataclass(frozen=True)

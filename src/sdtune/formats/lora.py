@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..errors import SdtuneError
+from . import Layout, matching_layout
 from .ldm_names import diffusers_to_ldm_unet_names, ldm_to_diffusers_unet_names
 from .lora_header import LORA_ADAPTER_METADATA_KEY, checked_adapter_header
 
@@ -36,6 +37,14 @@ KOHYA_PREFIXES: dict[str, tuple[str, ...]] = {
     "text_encoder_2": ("lora_te2_",),
 }
 SDXL_TE_PREFIX: dict[str, str] = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+_PEFT_KEY = rf"({'|'.join(COMPONENTS)})\.(.*\.)?"  # a component, then the module path (peft's key names)
+# The file layouts, in sniffing order (a diffusers file has no `.alpha` keys, an sdtune file has them).
+LAYOUTS: tuple[Layout, ...] = (
+    Layout("kohya", "LoRA (kohya / A1111 / ComfyUI)",
+           keys=rf"({'|'.join(p for prefixes in KOHYA_PREFIXES.values() for p in prefixes)}).*"),
+    Layout("diffusers", "LoRA (diffusers / PEFT)", keys=_PEFT_KEY + r"lora_[AB]\.weight"),
+    Layout("sdtune", "LoRA (sdtune)", keys=_PEFT_KEY + r"(lora_[AB]\.weight|alpha)"),
+)
 # transformers >= 5 flattens CLIPTextModel (no `text_model.`); files always carry the prefix.
 CLIP_FILE_PREFIX = "text_model."
 _CLIP_FLAT_ROOTS = ("embeddings.", "encoder.", "final_layer_norm")
@@ -339,14 +348,10 @@ def from_diffusers(
 def detect_lora_format(keys: Iterable[str]) -> str:
     """'kohya', 'diffusers' (PEFT keys, alpha in metadata) or 'sdtune' (PEFT keys + `.alpha`), by key sniffing."""
     keys = list(keys)
-    kohya = [k for k in keys if k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_"))]
-    if kohya and len(kohya) == len(keys):
-        return "kohya"
-    suffixes = (".lora_A.weight", ".lora_B.weight", ".alpha")
-    peft = [k for k in keys if k.partition(".")[0] in COMPONENTS and k.endswith(suffixes)]
-    if peft and len(peft) == len(keys):
-        return "sdtune" if any(k.endswith(".alpha") for k in keys) else "diffusers"
-    sample = next(iter(set(keys) - set(kohya) - set(peft)), "(no keys)")
+    layout = matching_layout(keys, LAYOUTS)
+    if layout is not None:
+        return layout.name
+    sample = next((k for k in keys if not any(layout.holds([k]) for layout in LAYOUTS)), "(no keys)")
     raise SdtuneError(f"Not a LoRA layout sdtune reads (key {sample!r}); use a kohya or diffusers/PEFT LoRA file.")
 
 

@@ -13,12 +13,13 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 
 from ..config import opt
 from ..errors import SdtuneError
+from ..formats import Layout
+from . import CompareRow, Method
 
 SAVE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 RUN_CARD_FILE = "sdtune_run_card.json"
@@ -41,12 +42,27 @@ class DreamBoothConfig:
     save_dtype: str = opt("fp32", "dtype of the saved folder and single file", choices=tuple(SAVE_DTYPES))
 
 
-class DreamBooth:
+class DreamBooth(Method):
     """The DreamBooth method (see module docstring)."""
 
-    name: ClassVar[str] = "dreambooth"
-    config_class: ClassVar[type] = DreamBoothConfig
-    saves_frozen_weights: ClassVar[bool] = True  # the artifact is the whole model: keep frozen parts exact
+    name = "dreambooth"
+    label = "DreamBooth"
+    config_class = DreamBoothConfig
+    default_lr = 5e-6
+    # Both are written by every run, and known by their run card (a checkpoint's keys say only that it is a model).
+    layouts = (Layout("diffusers", "diffusers pipeline folder", suffix="/"),
+               Layout("checkpoint", "Stable Diffusion checkpoint (LDM single-file layout)"))
+    saves_frozen_weights = True  # the artifact is the whole model: keep frozen parts exact
+    # builtin: measured on the builtin model (BENCHMARKS.md). With the prior, 5e-4 (the no-prior rate) wore the
+    # class images' own prompts down (prior preservation 0.49); 2e-4 keeps them (0.92), same subject fidelity.
+    compare_rows = (
+        CompareRow("dreambooth", "#1f77b4", {
+            "builtin": {"train": {"steps": 450, "lr": 2.0e-4, "batch_size": 4, "prior_preservation": True}},
+            "real": {"train": {"steps": 800, "lr": 5.0e-6, "batch_size": 1, "prior_preservation": True}}}),
+        CompareRow("dreambooth-no-prior", "#17becf", {
+            "builtin": {"train": {"steps": 300, "lr": 5.0e-4, "batch_size": 4, "prior_preservation": False}},
+            "real": {"train": {"steps": 800, "lr": 5.0e-6, "batch_size": 1, "prior_preservation": False}}}),
+    )
 
     def __init__(self, cfg: DreamBoothConfig | None = None):
         self.cfg = cfg or DreamBoothConfig()
@@ -59,8 +75,7 @@ class DreamBooth:
             if problem:
                 log.warning("DreamBooth token warning: %s", problem)
 
-    def setup(self, model, cfg: DreamBoothConfig | None = None) -> list[dict]:
-        self.cfg = cfg or self.cfg
+    def setup(self, model) -> list[dict]:
         for module in model.components().values():
             module.requires_grad_(False)
         groups = [{"params": _trainable(model.unet)}]

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
 from ..config import opt
 from ..errors import SdtuneError
 from ..formats import hypernetwork as fmt_hn
-from ..formats.hypernetwork import WEIGHT_INITS, HypernetworkFile, Structure
+from ..formats import written_names
+from ..formats.hypernetwork import LAYOUTS, WEIGHT_INITS, HypernetworkFile, Structure
+from . import CompareRow, Method
 
 TRAIN_NAME = "__train__"
-FORMATS = ("sdtune", "a1111")
-FILE_SUFFIX = {"sdtune": ".safetensors", "a1111": ".pt"}  # format -> the file it is written as
+FILE_SUFFIX = {layout.name: layout.suffix for layout in LAYOUTS}  # format -> the file it is written as
 
 
 @dataclass
@@ -38,7 +39,8 @@ class HypernetworkConfig:
     weight_init: str = opt("Normal", "initialisation of fresh Linear weights", choices=WEIGHT_INITS)
     sizes: str = opt("auto", "context widths that get a module pair, e.g. 768,320,640,1280; auto: every width "
                              "the model's attention layers use")
-    format: str = opt("sdtune", "file written: sdtune (.safetensors) or a1111 (.pt)", choices=FORMATS)
+    format: str = opt("sdtune", "file written: sdtune (.safetensors) or a1111 (.pt)",
+                      choices=written_names(LAYOUTS))
 
 
 def parse_numbers(text: str, what: str) -> list[float]:
@@ -81,22 +83,31 @@ def widths_for(model, sizes: str) -> list[int]:
     return list(dict.fromkeys(wanted))
 
 
-class Hypernetwork:
+class Hypernetwork(Method):
     """The hypernetwork method (see module docstring)."""
 
-    name: ClassVar[str] = "hypernetwork"
-    config_class: ClassVar[type] = HypernetworkConfig
+    name = "hypernetwork"
+    label = "Hypernetwork"
+    config_class = HypernetworkConfig
+    default_lr = 1e-5
+    layouts = LAYOUTS
+    prompt_tag = "hypernet"
+    converts = True
+    # builtin: measured on the builtin model (BENCHMARKS.md).
+    compare_rows = (CompareRow("hypernetwork", "#9467bd", {
+        "builtin": {"train": {"steps": 300, "lr": 2.0e-3, "batch_size": 4}},
+        "real": {"train": {"steps": 2000, "lr": 1.0e-5, "batch_size": 1}},
+    }),)
 
     def __init__(self, cfg: HypernetworkConfig | None = None):
         self.cfg = cfg or HypernetworkConfig()
         self._facts: dict[str, str] = {}
 
     # Training -----------------------------------------------------------------------------------------------
-    def setup(self, model, cfg: HypernetworkConfig | None = None) -> list[torch.nn.Parameter]:
+    def setup(self, model) -> list[torch.nn.Parameter]:
         """Freeze the model, build fresh modules for the chosen widths and route attention through them."""
         from ..hypernet_modules import HypernetworkNet, stack_of
 
-        self.cfg = cfg or self.cfg
         structure = structure_of(self.cfg)
         for module in model.components().values():
             module.requires_grad_(False)
@@ -183,20 +194,14 @@ class Hypernetwork:
         stack_of(model).add(name, net.to(model.unet.device), weight)
 
     # Conversion ---------------------------------------------------------------------------------------------
-    @staticmethod
-    def recognises(obj, metadata: dict[str, str]) -> bool:
+    @classmethod
+    def recognises(cls, obj, metadata: dict[str, str]) -> bool:
         return fmt_hn.looks_like_a1111(obj) or fmt_hn.looks_like_sdtune(obj, metadata)
 
     @classmethod
     def convert(cls, obj, metadata: dict[str, str], src: Path, dst: Path, to: str, model_spec: str | None) -> Path:
         """Rewrite a hypernetwork in the other form; tensors, A1111 entries and the run card travel unchanged."""
-        if to not in FORMATS:
-            raise SdtuneError(f"A hypernetwork converts to {' or '.join(FORMATS)}, not {to}.")
-        hf = fmt_hn.read(obj, metadata, src.name)
-        want = FILE_SUFFIX[to]
-        if dst.suffix.lower() != want:
-            raise SdtuneError(f"The {to} form is written as a {want} file; name the output {dst.stem}{want}.")
-        return write_file(hf, dst, to)
+        return write_file(fmt_hn.read(obj, metadata, src.name), dst, to)
 
 
 def _cpu_state(net: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 
 from ..config import opt
 from ..errors import SdtuneError
-from ..formats.embeddings import LAYOUTS, SUFFIX, SDXL_KEYS, Embedding, detect, read_embedding, write_embedding
+from ..formats.embeddings import (LAYOUT_NAMES, LAYOUTS, SDXL_KEYS, SUFFIX, Embedding, detect, file_names,
+                                  read_embedding, write_embedding)
+from . import CompareRow, Method
 
 # Prompt templates by learnable property, in plain words; {token} is the new word.
 TEMPLATES: dict[str, list[str]] = {
@@ -43,6 +44,7 @@ ALIAS = "<sdtune-vector-{}>"  # training-only names of the vectors, used in expa
 
 
 TOKEN_SETTING = "--token, or Token in the web UI"  # where users set it, named in the errors
+NEW_WORD = "<{token}>"  # the subject's word ({token}) as one the tokenizer does not know yet
 
 
 @dataclass
@@ -56,7 +58,7 @@ class TextualInversionConfig:
                                   choices=tuple(TEMPLATES), flag="property")
     caption: str = opt("", "your own prompt template with {token} (and optionally {class_word}), "
                            "used instead of the built-in templates")
-    format: str = opt("sdtune", "file layout written (a1111: .pt)", choices=LAYOUTS)
+    format: str = opt("sdtune", "file layout written (a1111: .pt)", choices=LAYOUT_NAMES)
 
 
 def vector_names(token: str, count: int) -> list[str]:
@@ -140,11 +142,24 @@ def check_fits(model, vectors: dict[str, torch.Tensor], name: str) -> None:
                       f"vectors ({widths['text_encoder']} and {widths['text_encoder_2']} wide).")
 
 
-class TextualInversion:
+class TextualInversion(Method):
     """The Textual Inversion method (see module docstring)."""
 
-    name: ClassVar[str] = "textual-inversion"
-    config_class: ClassVar[type] = TextualInversionConfig
+    name = "textual-inversion"
+    label = "Textual Inversion"
+    config_class = TextualInversionConfig
+    default_lr = 5e-4
+    layouts = LAYOUTS
+    found_by_name = True  # A1111's convention: a prompt applies an embedding by writing its name
+    file_noun = "embedding"
+    token_template = NEW_WORD
+    converts = True
+    # builtin: measured on the builtin model (BENCHMARKS.md).
+    compare_rows = (CompareRow("textual-inversion", "#2ca02c", {
+        "builtin": {"token": NEW_WORD, "train": {"steps": 300, "lr": 5.0e-2, "batch_size": 4},
+                    "textual-inversion": {"init_word": "circle"}},
+        "real": {"token": NEW_WORD, "train": {"steps": 3000, "lr": 5.0e-3, "batch_size": 1}},
+    }),)
 
     def __init__(self, cfg: TextualInversionConfig | None = None, token: str = ""):
         self.cfg = cfg or TextualInversionConfig()
@@ -162,10 +177,9 @@ class TextualInversion:
                               "(they spell out every vector); drop --prompt-template/--use-captions and give "
                               "your own template with --caption.")
 
-    def setup(self, model, cfg: TextualInversionConfig | None = None) -> list[torch.nn.Parameter]:
+    def setup(self, model) -> list[torch.nn.Parameter]:
         """Freeze the model, add the token's names to the tokenizer(s), return the new vectors (one [N, D]
         parameter per text encoder, initialised from --init-word), the only values that train."""
-        self.cfg = cfg or self.cfg
         token, count = self.token, self.cfg.vectors
         if not token:
             raise SdtuneError(f"Textual Inversion needs a token ({TOKEN_SETTING}), a new word such as <my-thing>.")
@@ -272,16 +286,22 @@ class TextualInversion:
         check_fits(model, emb.vectors, emb.token)
         return emb.vectors
 
-    @staticmethod
-    def recognises(obj, metadata: dict[str, str]) -> bool:
+    def describe(self, state: dict[str, torch.Tensor]) -> str:
+        count = next(iter(state.values())).shape[0]
+        return f"{count} vector{'' if count == 1 else 's'}"
+
+    @classmethod
+    def prompt_words(cls, path: Path) -> list[str]:
+        return file_names(path)
+
+    @classmethod
+    def recognises(cls, obj, metadata: dict[str, str]) -> bool:
         """Whether a loaded file is an embedding (and not another method's artifact)."""
-        return metadata.get("method", TextualInversion.name) == TextualInversion.name and detect(obj) is not None
+        return metadata.get("method", cls.name) == cls.name and detect(obj) is not None
 
     @classmethod
     def convert(cls, obj, metadata: dict[str, str], src: Path, dst: Path, to: str, model_spec: str | None) -> Path:
         """Re-encode an embedding in another layout; the token and run card travel along."""
-        if to not in LAYOUTS:
-            raise SdtuneError(f"An embedding converts to {', '.join(LAYOUTS)}, not {to}.")
         emb = read_embedding(obj, metadata, Path(src).stem)
         if model_spec:
             from ..model import load

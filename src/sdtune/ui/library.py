@@ -14,19 +14,13 @@ SKIPPED_FOLDERS = {"checkpoints", "class_images", "logs", "validation"}
 
 @dataclass(frozen=True)
 class ArtifactEntry:
-    """One artifact file: its kind decides the prompt syntax that applies it."""
+    """One artifact file: the method it belongs to ("other": none) and the prompt syntax that applies it."""
 
     path: Path
-    kind: str  # lora | hypernet | embedding | other
+    kind: str  # the method's name, or "other"
     layout: str
     name: str  # what the prompt writes: the tag name or the embedding's word
-
-    @property
-    def syntax(self) -> str:
-        """The text to insert into a prompt ('' for files a prompt cannot name)."""
-        if self.kind in ("lora", "hypernet"):
-            return f"<{self.kind}:{self.name}:1>"
-        return self.name if self.kind == "embedding" else ""
+    syntax: str = ""  # the text to insert into a prompt ("" for files a prompt cannot name)
 
     @property
     def label(self) -> str:
@@ -34,21 +28,21 @@ class ArtifactEntry:
 
 
 def classify(path: Path) -> ArtifactEntry:
-    """Read a file's header (or small pickle) and tell what it is; unreadable files raise SdtuneError."""
-    from ..inspection import artifact_format
-    from ..formats.embeddings import file_names
+    """Read a file's header (or small pickle) and tell what it is, from the layouts the methods declare;
+    unreadable files raise SdtuneError."""
+    from ..inspection import artifact_sniff
+    from ..methods import registry
 
-    layout = artifact_format(path)
-    lowered = layout.lower()
-    if layout.startswith("LoRA"):
-        return ArtifactEntry(path, "lora", layout, path.stem)
-    if "hypernetwork" in lowered:
-        return ArtifactEntry(path, "hypernet", layout, path.stem)
-    if "textual" in lowered or "single tensor" in lowered:
-        names = file_names(path)
-        if names:
-            return ArtifactEntry(path, "embedding", layout, names[0])
-    return ArtifactEntry(path, "other", layout, path.stem)
+    sniffed = artifact_sniff(path)
+    cls = registry().get(sniffed.method or "")
+    words = cls.prompt_words(path) if cls is not None and cls.found_by_name else []
+    if cls is None or (cls.found_by_name and not words):
+        return ArtifactEntry(path, "other", sniffed.title, path.stem)
+    if cls.prompt_tag:
+        return ArtifactEntry(path, cls.name, sniffed.title, path.stem, f"<{cls.prompt_tag}:{path.stem}:1>")
+    if words:
+        return ArtifactEntry(path, cls.name, sniffed.title, words[0], words[0])
+    return ArtifactEntry(path, cls.name, sniffed.title, path.stem)  # e.g. a DreamBooth checkpoint: a --model
 
 
 def scan(folders: list[Path]) -> list[ArtifactEntry]:

@@ -72,7 +72,7 @@ class Workspace:
             (self.root / name).mkdir(parents=True, exist_ok=True)
 
     def artifact_dirs(self) -> list[Path]:
-        """Where prompts' <lora:…>/<hypernet:…>/embedding names are looked up, in this order."""
+        """Where the artifacts a prompt names (by tag or by name) are looked up, in this order."""
         return [self.runs, self.uploads, *map(Path, self.extra_artifact_dirs)]
 
     def listed_dirs(self) -> list[Path]:

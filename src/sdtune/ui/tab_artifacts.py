@@ -9,13 +9,16 @@ from .app import UIState, notice
 from .library import classify, scan
 from .state import copy_into, unexpected
 
-TARGETS = ("sdtune", "diffusers", "kohya", "a1111")
 HEADERS = ["name", "kind", "layout", "file"]
+PREFERRED_TARGET = "diffusers"  # the conversion offered first: the layout diffusers' own loaders read
 
 
 def build(state: UIState) -> None:
     import gradio as gr
 
+    from ..methods import conversion_targets
+
+    targets = list(conversion_targets())
     with gr.Tab("Artifacts", id="artifacts", elem_id="tab-artifacts") as tab:
         with gr.Row(equal_height=True):
             gr.Markdown("Artifacts in the workspace (trainings, added files) and the `--artifacts` folders.")
@@ -28,7 +31,8 @@ def build(state: UIState) -> None:
                 details = gr.Textbox("", label="sdtune inspect", lines=14, max_lines=30, interactive=False,
                                      elem_id="art-details")
             with gr.Column(scale=4):
-                target = gr.Dropdown(list(TARGETS), value="diffusers", label="Convert to", elem_id="art-to")
+                target = gr.Dropdown(targets, value=PREFERRED_TARGET if PREFERRED_TARGET in targets else targets[0],
+                                     label="Convert to", elem_id="art-to")
                 output = gr.Textbox("", label="Output file", elem_id="art-output")
                 base = gr.Textbox(state.models.spec, label="Base model whose layer names the file uses (empty: "
                                   "guess by family)", elem_id="art-base")
@@ -69,13 +73,16 @@ def _shown(state: UIState, path: Path) -> str:
 
 
 def default_output(path: str | None, target: str) -> str:
-    """PATH's folder, stem + target layout; A1111 embeddings and hypernetworks are .pt files."""
+    """PATH's folder, stem + target layout, with the extension the file's method writes that layout as
+    (A1111 embeddings and hypernetworks are .pt files)."""
+    from ..methods import layout_of, registry
+
     if not path:
         return ""
     source = Path(path)
-    kind = classify(source).kind if source.is_file() else "other"
-    suffix = ".pt" if target == "a1111" and kind != "lora" else ".safetensors"
-    return str(source.with_name(f"{source.stem}-{target}{suffix}"))
+    cls = registry().get(classify(source).kind) if source.is_file() else None
+    layout = layout_of(cls, target) if cls is not None else None
+    return str(source.with_name(f"{source.stem}-{target}{layout.suffix if layout else '.safetensors'}"))
 
 
 def _inspect(path: str | None, target: str) -> tuple:

@@ -15,13 +15,13 @@ def build(state: UIState) -> None:
     import gradio as gr
 
     from ..generate import SCHEDULERS
+    from ..methods import prompt_syntax
 
     with gr.Tab("Generate", id="generate", elem_id="tab-generate") as tab:
         with gr.Row():
             with gr.Column(scale=5):
                 prompt = gr.Textbox("a photo of a sks circle", label="Prompt", lines=3, elem_id="gen-prompt",
-                                    info="<lora:NAME:W> and <hypernet:NAME:W> apply artifacts; an embedding's "
-                                         "name is a word of the prompt")
+                                    info=prompt_syntax())
                 negative = gr.Textbox("", label="Negative prompt", elem_id="gen-negative")
                 with gr.Row():
                     picker = gr.Dropdown(picker_choices(state), value=None, label="Insert an artifact",

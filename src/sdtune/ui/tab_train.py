@@ -18,15 +18,14 @@ BUILTIN_SUBJECT = "builtin-subject"
 # checkpoint that "Resume" and Cancel keep.
 CHECKPOINT_EVERY = 50
 VALIDATION_EVERY = 50
-FIRST_METHOD = "lora"
 
 
 def build(state: UIState) -> None:
     import gradio as gr
 
-    from ..methods import registry
+    from ..methods import first, registry
 
-    shown = defaults(state.models.spec, FIRST_METHOD)
+    shown = defaults(state.models.spec, first())
     with gr.Tab("Train", id="train", elem_id="tab-train"):
         with gr.Row():
             with gr.Column(scale=5):
@@ -38,7 +37,7 @@ def build(state: UIState) -> None:
                     with gr.Column(scale=1, min_width=120):
                         builtin = gr.Button("Builtin subject", size="md", elem_id="train-builtin")
                 with gr.Row():
-                    method = gr.Dropdown(list(registry()), value=FIRST_METHOD, label="Method", elem_id="train-method")
+                    method = gr.Dropdown(list(registry()), value=first(), label="Method", elem_id="train-method")
                     token = gr.Textbox(shown["token"], label="Token", elem_id="train-token")
                     class_word = gr.Textbox("", label="Class word", elem_id="train-class")
                     name = gr.Textbox("", label="Name (default: the token)", elem_id="train-name")

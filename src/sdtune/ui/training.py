@@ -147,7 +147,7 @@ class TrainingRunner:
         method_cls, method_cfg, data_cfg, train_cfg = configs
         try:
             model = self.models.fresh()
-            result = train(model, method_cls(method_cfg), method_cfg, train_cfg, data_cfg, job.out_dir, job.name,
+            result = train(model, method_cls(method_cfg), train_cfg, data_cfg, job.out_dir, job.name,
                            progress=False, on_step=job.on_step)
             written = ", ".join(p.name for p in result.paths)
             job.finish("done", f"Trained {job.name} in {result.wall_time:.1f} s; wrote {written}.")
