@@ -12,6 +12,7 @@ from sdtune.artifacts import load_artifact
 from sdtune.cli import main
 from sdtune.config import DataConfig, TrainConfig
 from sdtune.errors import SdtuneError
+from sdtune.formats.hypernetwork import read
 from sdtune.methods.hypernetwork import Hypernetwork, HypernetworkConfig, write_file
 from sdtune.model import load
 from sdtune.train import train
@@ -37,7 +38,7 @@ def two_files(tmp_path):
 
 def _decode(path):
     obj, metadata = load_artifact(path)
-    return Hypernetwork().decode_file(None, obj, metadata, path)
+    return read(obj, metadata, path.name)
 
 
 def _unet_out(model, seed: int = 0) -> torch.Tensor:

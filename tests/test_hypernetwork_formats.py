@@ -17,7 +17,7 @@ from sdtune.cli import main
 from sdtune.errors import SdtuneError
 from sdtune.formats import hypernetwork as fmt
 from sdtune.hypernet_modules import HypernetworkNet as Net
-from sdtune.methods.hypernetwork import Hypernetwork, HypernetworkConfig, structure_of, write_file
+from sdtune.methods.hypernetwork import HypernetworkConfig, structure_of, write_file
 
 WIDTHS = [32, 64]
 FULL = {"step": 120, "name": "case", "sd_checkpoint": "0123456789", "sd_checkpoint_name": "model.ckpt",
@@ -61,7 +61,7 @@ CASES = {
 
 def _load(path: Path):
     obj, metadata = load_artifact(path)  # .pt: torch.load(weights_only=True) only
-    return Hypernetwork().decode_file(None, obj, metadata, path)
+    return fmt.read(obj, metadata, path.name)
 
 
 @pytest.mark.parametrize("case", CASES)

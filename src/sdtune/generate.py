@@ -133,11 +133,17 @@ def load_for_model(model, path: Path) -> tuple:
     from .artifacts import load_artifact
 
     tensors, metadata = load_artifact(path)
-    recorded = metadata.get("base_family")
+    check_family(metadata, model, path)
+    return tensors, metadata
+
+
+def check_family(card: dict[str, str], model, path: Path) -> None:
+    """Refuse an artifact whose run card names another model family than `model`'s (a pickle keeps its card
+    inside, where the method's reader finds it)."""
+    recorded = card.get("base_family")
     if recorded and recorded != model.family:
         raise SdtuneError(f"{path} was trained on a {recorded} model and does not fit this {model.family} model; "
                           f"use it with a {recorded} --model.")
-    return tensors, metadata
 
 
 def activate_embeddings(model, texts: list[str], artifact_dirs: list[Path],

@@ -177,8 +177,13 @@ class Hypernetwork(Method):
 
     # Inference ----------------------------------------------------------------------------------------------
     def decode_file(self, model, tensors, metadata: dict[str, str], path: Path) -> HypernetworkFile:
-        """Either file form -> HypernetworkFile (or a clear refusal)."""
-        return fmt_hn.read(tensors, metadata, path.name)
+        """Either file form -> HypernetworkFile (or a clear refusal, also when the run card inside an A1111 .pt
+        names another model family: widths alone can fit another family)."""
+        from ..generate import check_family
+
+        hf = fmt_hn.read(tensors, metadata, path.name)
+        check_family(hf.card, model, path)
+        return hf
 
     def apply(self, model, state, weight: float = 1.0, name: str = "hypernetwork") -> None:
         """Add the hypernetwork to the model's stack (after any already applied), scaled by `weight`."""
