@@ -189,6 +189,15 @@ def test_registration_refuses_what_is_no_method_in_one_sentence(monkeypatch, cla
     assert words in str(refused.value) and len(str(refused.value).splitlines()) == 1
 
 
+def test_the_cli_names_a_method_registered_by_mistake_in_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(methods, "_REGISTRY", methods._REGISTRY.copy())
+    methods.register(_Unfinished)
+    assert main(["--help"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "sdtune: error: Method '_Unfinished' cannot be registered: it does not implement apply, load_state_dict, "
+        "metadata, output_files, save, setup, state_dict, usage."]
+
+
 def test_the_recorded_recipes_give_train_the_same_defaults():
     from sdtune.compare.recipes import command_defaults, describe_defaults, training_defaults
 
