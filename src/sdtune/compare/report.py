@@ -42,9 +42,9 @@ def title(results: dict) -> str:
     from ..methods import listing, registry
 
     registered = registry()
-    labels = dict.fromkeys(registered[m].label if m in registered else m for m in (r["method"] for r in results["rows"])
-                           if m)
-    return f"sdtune compare: {listing(list(labels))} on one subject"
+    names = dict.fromkeys(row["method"] for row in results["rows"] if row["method"])
+    labels = [registered[name].label if name in registered else name for name in names]
+    return f"sdtune compare: {listing(labels)} on one subject"
 
 
 def build_blocks(results: dict, out: Path) -> list[Block]:
