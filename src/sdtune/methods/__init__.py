@@ -23,7 +23,7 @@ from ..errors import SdtuneError
 from ..formats import Layout, written_names
 
 # The built-in methods as "module:Class" under sdtune.methods, in menu order (the first is the UI's default);
-# imported on first use, so the CLI starts without importing every method.
+# each is imported when the registry is first read, not when sdtune or sdtune.methods is imported.
 BUILTIN = ("lora:LoRA", "textual_inversion:TextualInversion", "dreambooth:DreamBooth", "hypernetwork:Hypernetwork")
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9-]*")  # a CLI subcommand and config-file section
 
