@@ -14,6 +14,7 @@ from safetensors import SafetensorError, safe_open
 
 from .artifacts import SAFETENSORS_SUFFIX, check_readable, flatten_tensors, load_artifact
 from .formats import sniff_format
+from .lora_inspection import summary_lines
 from .untrusted import ST_DTYPES, check_safetensors_header, unreadable
 
 
@@ -67,9 +68,11 @@ def describe_artifact(path: str | os.PathLike) -> str:
     rows, metadata = _summary(path)
     numels = [torch.Size(shape).numel() for _, _, shape in rows]
     dtypes = Counter(str(dtype).removeprefix("torch.") for _, dtype, _ in rows)
+    layout = sniff_format([name for name, _, _ in rows], metadata)
     lines = [
         f"file:       {path}",
-        f"format:     {sniff_format([name for name, _, _ in rows], metadata)}",
+        f"format:     {layout}",
+        *(summary_lines((name, shape) for name, _, shape in rows) if layout.startswith("LoRA") else []),
         f"tensors:    {len(rows)}",
         f"parameters: {sum(numels):,}",
         f"bytes:      {sum(n * d.itemsize for (_, d, _), n in zip(rows, numels)):,}",

@@ -227,7 +227,7 @@ def not_in_model(key: str, sd: Mapping[str, torch.Tensor], metadata: Mapping[str
 # ------------------------------------------------------------------------------------- sniffing
 
 
-_PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")
+_PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector", ".lora_magnitude_vector.weight")
 _SDTUNE_SUFFIXES = tuple(f".{p}" for p in KOHYA_PARAMS if f".{p}" not in _PEFT_SUFFIXES)  # alpha, hada_*, ...
 
 

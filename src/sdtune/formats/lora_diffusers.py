@@ -21,7 +21,12 @@ from .lora import (CLIP_FILE_PREFIX, COMPONENTS, Modules, file_path, group_modul
 from .lora_header import LORA_ADAPTER_METADATA_KEY, checked_adapter_header
 from .lycoris import algorithm, dora_axis, param_of
 
-PEFT_PARAMS = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+MAGNITUDE = "lora_magnitude_vector"
+# transformers >= 5's adapter loader, which diffusers uses for text encoders, renames peft's bare magnitude key
+# to `lora_magnitude_vector.<adapter>` and so never loads it (the parameter is `<adapter>.weight`); the key with
+# `.weight` loads there and in peft's own set_peft_model_state_dict, which the UNet goes through.
+MAGNITUDE_KEYS = {"unet": MAGNITUDE, "text_encoder": f"{MAGNITUDE}.weight", "text_encoder_2": f"{MAGNITUDE}.weight"}
+PEFT_PARAMS = ("lora_A.weight", "lora_B.weight", MAGNITUDE, f"{MAGNITUDE}.weight")
 CONVERT_TO_KOHYA = "convert it to kohya (or sdtune) instead"
 
 
@@ -85,7 +90,7 @@ def to_diffusers(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
             tensors[f"{name}.{param}"] = params[param]
         if "dora_scale" in params:  # peft's shapes: [out] for a linear layer, [1, out, 1, 1] for a convolution
             shape = (-1,) if params["lora_A.weight"].ndim == 2 else (1, -1, 1, 1)
-            tensors[f"{name}.lora_magnitude_vector"] = params["dora_scale"].reshape(shape)
+            tensors[f"{name}.{MAGNITUDE_KEYS[component]}"] = params["dora_scale"].reshape(shape)
     packed: dict[str, Any] = {}
     for component in sorted({c for c, _ in modules}):
         packed.update({f"{component}.{k}": v for k, v in _lora_config(component, modules).items()})
@@ -130,7 +135,7 @@ def _live_path(path: str, live: set[str] | None) -> str | None:
 
 def _canonical_params(params: dict[str, torch.Tensor], cfg: Mapping[str, Any], path: str) -> None:
     """Alpha from the adapter config (rank where it has none), DoRA's magnitude as a [out, 1, ...] dora_scale."""
-    magnitude = params.pop("lora_magnitude_vector", None)
+    magnitude = params.pop(MAGNITUDE, None)
     down = params["lora_A.weight"]
     r = int(down.shape[0]) if down.ndim else 0  # 0-dim: checked_state refuses
     alpha = _match_pattern(cfg.get("alpha_pattern") or {}, path)
@@ -162,6 +167,7 @@ def from_diffusers(
         path = _live_path(rest[: -len(param) - 1], live.get(component))
         if path is None:
             raise not_in_model(key, sd, metadata)
+        param = MAGNITUDE if param.startswith(MAGNITUDE) else param  # either spelling of DoRA's magnitude
         modules.setdefault((component, path), {})[param] = tensor
     for (component, path), params in modules.items():
         if "lora_A.weight" not in params or "lora_B.weight" not in params:

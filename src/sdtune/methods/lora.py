@@ -231,7 +231,8 @@ class LoRA:
     def convert(cls, obj, metadata: dict[str, str], src: Path, dst: Path, to: str, model_spec: str | None) -> Path:
         """Re-encode a LoRA file in another layout; the run card and other header fields travel along."""
         from ..artifacts import save_artifact
-        from ..formats.lora import LORA_ADAPTER_METADATA_KEY, lora_family_hints
+        from ..formats.lora import lora_family_hints
+        from ..formats.lora_header import LORA_ADAPTER_METADATA_KEY
         from ..model import architecture, base_model_from_card, load
 
         if to not in LAYOUTS:
