@@ -26,7 +26,8 @@ from sdtune.formats.ldm_names import (
     unet_state_dict_from_ldm,
     unet_state_dict_to_ldm,
 )
-from sdtune.formats.lora import check_lora_family, detect_lora_format, from_kohya, lora_family_hints, to_kohya
+from sdtune.formats.lora import (check_lora_family, checked_state, detect_lora_format, from_kohya, lora_family_hints,
+                                 to_kohya)
 from sdtune.formats.lora_diffusers import LORA_ADAPTER_METADATA_KEY, from_diffusers, to_diffusers
 
 SD1_UNET = dict(
@@ -193,7 +194,7 @@ def test_kohya_unknown_key_is_refused_by_name(sd1):
     with pytest.raises(SdtuneError, match=r"lora_unet_conv_in.on_input.*LyCORIS IA3.*reads LoRA, LoCon, LoHa"):
         from_kohya({"lora_unet_conv_in.on_input": torch.zeros(1)}, _paths(sd1))
     with pytest.raises(SdtuneError, match=r"unet.conv_in lacks parameters of its LoHa update \(has hada_w1_a\)"):
-        from_kohya({"lora_unet_conv_in.hada_w1_a": torch.zeros(1)}, _paths(sd1))
+        checked_state(from_kohya({"lora_unet_conv_in.hada_w1_a": torch.zeros(1)}, _paths(sd1)))
 
 
 # -------------------------------------------------------------------------------------- diffusers

@@ -10,7 +10,7 @@ from lycoris.modules import LoConModule, LohaModule, LokrModule
 
 from lycoris_oracle import network, randomise
 from sdtune.errors import SdtuneError
-from sdtune.formats.lora import detect_lora_format, from_kohya, to_kohya
+from sdtune.formats.lora import checked_state, detect_lora_format, from_kohya, to_kohya
 from sdtune.formats.lora_diffusers import from_diffusers, to_diffusers
 from sdtune.formats.lycoris import CANONICAL_PARAMS, fits, merged_weight, rank, scale
 from sdtune.lora_inspection import summary_lines
@@ -181,11 +181,11 @@ def test_other_lycoris_algorithms_and_damaged_modules_are_refused_by_name(tmp_pa
     with pytest.raises(SdtuneError, match=r"LyCORIS OFT, which sdtune does not apply"):
         from_kohya({**kohya, first.replace("hada_w1_a", "oft_blocks"): torch.zeros(1)}, paths, model.unet.config)
     bent = {**kohya, first: kohya[first][:, :1]}
-    with pytest.raises(SdtuneError, match=r"has malformed weights \(hada_w1_a \[\d+, 1\]"):
-        from_kohya(bent, paths, model.unet.config)
+    with pytest.raises(SdtuneError, match=r"LoRA bent module .* has malformed weights \(hada_w1_a \[\d+, 1\]"):
+        checked_state(from_kohya(bent, paths, model.unet.config), "LoRA bent")
     mixed = {**kohya, first.replace("hada_w1_a", "lokr_w1"): torch.zeros(2, 2)}
     with pytest.raises(SdtuneError, match="mixes or lacks LoRA/LoHa/LoKr parameters"):
-        from_kohya(mixed, paths, model.unet.config)
+        checked_state(from_kohya(mixed, paths, model.unet.config))
 
 
 @pytest.mark.parametrize("algo, expected", [

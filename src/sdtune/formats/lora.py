@@ -24,8 +24,8 @@ import torch
 
 from ..errors import SdtuneError
 from .ldm_names import diffusers_to_ldm_unet_names, ldm_to_diffusers_unet_names
-from .lycoris import CANONICAL_PARAMS, KOHYA_PARAMS, UNSUPPORTED_SUFFIXES, algorithm, check_module, input_width, \
-    param_of, rank
+from .lycoris import (CANONICAL_PARAMS, KOHYA_PARAMS, UNSUPPORTED_SUFFIXES, algorithm, check_module, input_width,
+                      param_of, rank, update_shape)
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 # Component -> kohya name prefixes it may be written with (first one is written for SD1/SD2).
@@ -211,9 +211,8 @@ def from_kohya(
         if kparam == "dora_scale" and tensor.ndim == 1:  # peft's 1-D magnitude: one per output feature
             tensor = tensor.reshape(-1, 1)
         modules.setdefault(table[name], {})[CANONICAL_PARAMS[kparam]] = tensor
-    for (component, path), params in modules.items():
-        check_module(f"LoRA module {component}.{path}", params)
-        if "alpha" not in params and module_rank(params):
+    for params in modules.values():  # a damaged module is refused by checked_state, naming the file
+        if "alpha" not in params and update_shape(params) is not None and module_rank(params):
             params["alpha"] = torch.tensor(float(module_rank(params)), dtype=torch.float32)
     return ungroup_modules(modules)
 
