@@ -12,7 +12,7 @@ from lycoris_oracle import network, randomise
 from sdtune.errors import SdtuneError
 from sdtune.formats.lora import checked_state, detect_lora_format, from_kohya, to_kohya
 from sdtune.formats.lora_diffusers import from_diffusers, to_diffusers
-from sdtune.formats.lycoris import CANONICAL_PARAMS, fits, merged_weight, rank, scale
+from sdtune.formats.lycoris import CANONICAL_PARAMS, KOHYA_PARAMS, fits, merged_weight, rank, scale
 from sdtune.lora_inspection import summary_lines
 from sdtune.model import load
 
@@ -199,3 +199,45 @@ def test_inspect_names_algorithm_rank_and_layer_groups(algo, expected, tmp_path)
     text = "\n".join(summary_lines((k, tuple(v.shape)) for k, v in kohya.items()))
     for fragment in expected:
         assert fragment in text, (fragment, text)
+
+
+# ------------------------------------------------------------------------------------ peft's layers
+
+PEFT_CASES = {  # id -> (peft config class name, options); trained LoHa/LoKr will come from these layers
+    "loha": ("LoHaConfig", {}),
+    "loha-tucker-conv": ("LoHaConfig", {"use_effective_conv2d": True}),
+    "lokr": ("LoKrConfig", {}),
+    "lokr-both-split": ("LoKrConfig", {"decompose_both": True, "decompose_factor": 4}),
+    "lokr-tucker-conv": ("LoKrConfig", {"use_effective_conv2d": True, "decompose_factor": 4}),
+}
+
+
+@pytest.mark.parametrize("case", PEFT_CASES)
+def test_peft_loha_lokr_state_is_the_canonical_state_with_the_same_update(case):
+    """peft's parameter names and shapes are the canonical ones (and LyCORIS's file suffixes), and the update
+    sdtune merges is peft's own delta, except where a LoKr layer splits neither factor: every client applies it
+    at scale 1, while peft scales it by alpha/r (a LoKr trainer folds alpha/r into lokr_w1 there)."""
+    import peft
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    config_class, options = PEFT_CASES[case]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Conv2d(16, 64, 3, padding=1))
+    config = getattr(peft, config_class)(r=4, alpha=6, target_modules=["0", "1"], init_weights=False, **options)
+    peft.inject_adapter_in_model(config, model, adapter_name="a")
+    state = peft.get_peft_model_state_dict(model, adapter_name="a")
+    checked = 0
+    for path in ("0", "1"):
+        params = {k.removeprefix(f"{path}."): v for k, v in state.items() if k.startswith(f"{path}.")}
+        params["alpha"] = torch.tensor(6.0)
+        layer = model.get_submodule(path)
+        assert isinstance(layer, BaseTunerLayer) and set(params) <= set(KOHYA_PARAMS)
+        base = layer.get_base_layer().weight
+        assert fits(params, tuple(base.shape))
+        theirs = layer.get_delta_weight("a")
+        ours = merged_weight(base, params, 1.0) - base
+        if rank(params) is None:
+            theirs = theirs / layer.scaling["a"]
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+        checked += 1
+    assert checked == 2
