@@ -10,13 +10,15 @@ weight_decompose; LyCORIS lycoris/functional/loha.py, lokr.py, locon.py and gene
          scale = alpha / w1b's first dim
   LoKr   ΔW = kron(w1, w2), w1 = w1a · w1b when split, w2 = w2a · w2b or the Tucker rebuild of (t2, w2a, w2b);
          scale = alpha / rank where rank is w2b's first dim if w2 is split, else w1b's if w1 is split, else the
-         scale is 1 whatever alpha says (A1111's and ComfyUI's rule; LyCORIS writes alpha = its dim there)
+         scale is 1 whatever alpha says (A1111's and ComfyUI's rule; LyCORIS writes alpha = its dim there;
+         peft's LoKr layer scales it by alpha/r all the same, so a trainer folds alpha/r into lokr_w1)
   DoRA   with `dora_scale` m: W1 = W0 + scale·ΔW, D = m · W1 / ‖W1‖ (the norm over every axis but m's),
          and at strength s the layer becomes W0 + s·(D − W0) (A1111 and ComfyUI; s = 0 is the base exactly).
 Without DoRA a layer at strength s becomes W0 + s·scale·ΔW. A missing alpha means scale 1.
 
 `dora_scale` records its axis in its shape, as LyCORIS writes it: [out, 1, …] scales each output feature (peft's
 DoRA, LyCORIS's default wd_on_out), [1, in, …] each input feature (A1111's only axis, LyCORIS wd_on_out=False).
+The kohya reader takes a 1-D dora_scale (peft's magnitude written as is) as [out, 1].
 """
 
 from __future__ import annotations
