@@ -241,3 +241,27 @@ def test_peft_loha_lokr_state_is_the_canonical_state_with_the_same_update(case):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
         checked += 1
     assert checked == 2
+
+
+def test_a_1d_dora_scale_is_read_as_one_magnitude_per_output_feature(tmp_path):
+    model, kohya = _file("sd1", "dora-out", tmp_path)
+    flat = {k: v.flatten() if k.endswith("dora_scale") else v for k, v in kohya.items()}
+    state = from_kohya(flat, _paths(model), model.unet.config)
+    reference = from_kohya(kohya, _paths(model), model.unet.config)
+    assert all(torch.equal(state[k], reference[k]) and state[k].shape == reference[k].shape for k in reference)
+
+
+def test_convert_refuses_in_one_line_and_inspect_names_the_algorithm(tmp_path, capsys):
+    from sdtune.cli import main
+
+    model = load("tiny:sd1")
+    path = tmp_path / "hada.safetensors"
+    network(model.unet, model.text_encoders, tmp_path, "loha").save_weights(str(path), torch.float32, {})
+    capsys.readouterr()
+    assert main(["convert", str(path), str(tmp_path / "out.safetensors"), "--to", "diffusers", "--model",
+                 "tiny:sd1"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not LoHa" in err and "convert it to kohya" in err, err
+    assert not (tmp_path / "out.safetensors").exists()
+    assert main(["inspect", str(path)]) == 0
+    assert "algorithm:  LoHa x" in capsys.readouterr().out

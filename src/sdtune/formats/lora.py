@@ -208,13 +208,19 @@ def from_kohya(
             if unet_config is None and name.startswith(("lora_unet_input_blocks_", "lora_unet_output_blocks_")):
                 raise SdtuneError(f"LoRA key {key!r} uses LDM-style UNet names; pass the UNet config to read it.")
             raise not_in_model(key, sd, metadata)
-        if kparam == "dora_scale" and tensor.ndim == 1:  # peft's 1-D magnitude: one per output feature
-            tensor = tensor.reshape(-1, 1)
         modules.setdefault(table[name], {})[CANONICAL_PARAMS[kparam]] = tensor
     for params in modules.values():  # a damaged module is refused by checked_state, naming the file
+        _dora_scale_with_axis(params)
         if "alpha" not in params and update_shape(params) is not None and module_rank(params):
             params["alpha"] = torch.tensor(float(module_rank(params)), dtype=torch.float32)
     return ungroup_modules(modules)
+
+
+def _dora_scale_with_axis(params: dict[str, torch.Tensor]) -> None:
+    """A 1-D dora_scale (peft's magnitude written as is) as [out, 1, ...], the shape that says its axis."""
+    scale, down = params.get("dora_scale"), params.get("lora_A.weight")
+    if scale is not None and scale.ndim == 1:
+        params["dora_scale"] = scale.reshape(-1, *[1] * (max(2, down.ndim if down is not None else 2) - 1))
 
 
 def not_in_model(key: str, sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> SdtuneError:

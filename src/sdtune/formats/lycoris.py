@@ -18,7 +18,7 @@ Without DoRA a layer at strength s becomes W0 + s·scale·ΔW. A missing alpha m
 
 `dora_scale` records its axis in its shape, as LyCORIS writes it: [out, 1, …] scales each output feature (peft's
 DoRA, LyCORIS's default wd_on_out), [1, in, …] each input feature (A1111's only axis, LyCORIS wd_on_out=False).
-The kohya reader takes a 1-D dora_scale (peft's magnitude written as is) as [out, 1].
+The kohya reader takes a 1-D dora_scale (peft's magnitude written as is) as [out, 1, ...].
 """
 
 from __future__ import annotations
