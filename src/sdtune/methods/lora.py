@@ -18,6 +18,7 @@ import torch
 
 from ..config import opt
 from ..errors import SdtuneError
+from ..formats.lora_diffusers import MAGNITUDE as PEFT_MAGNITUDE  # peft's DoRA magnitude: [out], or [1, out, 1, 1]
 
 TRAIN_ADAPTER = "sdtune"
 # Named groups of UNet layers users ask for by name; anything else is taken as a module-name suffix.
@@ -32,7 +33,6 @@ UNET_TARGET_GROUPS = {
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 LORA_KEY = re.compile(r"^(?P<component>[a-z_0-9]+?)\.(?P<path>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|alpha|"
                       r"dora_scale)$")
-PEFT_MAGNITUDE = "lora_magnitude_vector"  # peft's name of DoRA's magnitude ([out]; a convolution's [1, out, 1, 1])
 
 
 @dataclass
