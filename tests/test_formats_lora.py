@@ -26,16 +26,9 @@ from sdtune.formats.ldm_names import (
     unet_state_dict_from_ldm,
     unet_state_dict_to_ldm,
 )
-from sdtune.formats.lora import (
-    LORA_ADAPTER_METADATA_KEY,
-    check_lora_family,
-    detect_lora_format,
-    from_diffusers,
-    from_kohya,
-    lora_family_hints,
-    to_diffusers,
-    to_kohya,
-)
+from sdtune.formats.lora import (check_lora_family, checked_state, detect_lora_format, from_kohya, lora_family_hints,
+                                 to_kohya)
+from sdtune.formats.lora_diffusers import LORA_ADAPTER_METADATA_KEY, from_diffusers, to_diffusers
 
 SD1_UNET = dict(
     block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=8, sample_size=16,
@@ -198,8 +191,10 @@ def test_kohya_unknown_key_is_refused_by_name(sd1):
     kohya = {"lora_unet_foo_bar.lora_down.weight": torch.zeros(4, 2048), "lora_te2_x.alpha": torch.tensor(1.0)}
     with pytest.raises(SdtuneError, match=r"lora_unet_foo_bar.*names no module.*sdxl"):
         from_kohya(kohya, _paths(sd1))
-    with pytest.raises(SdtuneError, match="LyCORIS"):
-        from_kohya({"lora_unet_conv_in.hada_w1_a": torch.zeros(1)}, _paths(sd1))
+    with pytest.raises(SdtuneError, match=r"lora_unet_conv_in.on_input.*LyCORIS IA3.*reads LoRA, LoCon, LoHa"):
+        from_kohya({"lora_unet_conv_in.on_input": torch.zeros(1)}, _paths(sd1))
+    with pytest.raises(SdtuneError, match=r"unet.conv_in lacks parameters of its LoHa update \(has hada_w1_a\)"):
+        checked_state(from_kohya({"lora_unet_conv_in.hada_w1_a": torch.zeros(1)}, _paths(sd1)))
 
 
 # -------------------------------------------------------------------------------------- diffusers

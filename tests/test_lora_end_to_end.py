@@ -125,12 +125,13 @@ def test_training_moves_only_lora_weights_and_lowers_the_loss(subject_dir, tmp_p
     assert result.trainable_params > 0 and result.paths[0].is_file()
 
 
-def test_resume_continues_exactly(subject_dir, tmp_path):
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_resume_continues_exactly(subject_dir, tmp_path, dora):
     from sdtune.artifacts import load_artifact
 
     common = dict(steps=6, lr=1e-2, batch_size=2, lr_scheduler="cosine", log_dir="none")
     data_cfg = DataConfig(images=str(subject_dir), token="sks", class_word="dog", flip=True, center_crop=False)
-    cfg = LoRAConfig(rank=4, dropout=0.1, format="sdtune")
+    cfg = LoRAConfig(rank=4, dropout=0.1, format="sdtune", dora=dora, targets="attn,conv")
     full = tmp_path / "full"
     train(load("tiny:sd1"), LoRA(cfg), TrainConfig(checkpoint_every=3, **common), data_cfg, full, "a",
           progress=False)
@@ -141,7 +142,7 @@ def test_resume_continues_exactly(subject_dir, tmp_path):
           "a", progress=False)
     a, _ = load_artifact(full / "a.safetensors")
     b, _ = load_artifact(resumed / "a.safetensors")
-    assert a.keys() == b.keys()
+    assert a.keys() == b.keys() and any(k.endswith(".dora_scale") for k in a) == dora
     for key in a:
         assert torch.equal(a[key], b[key]), key
 

@@ -13,7 +13,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .artifacts import SAFETENSORS_SUFFIX, check_readable, flatten_tensors, load_artifact
-from .formats import Sniffed, sniff, sniff_format
+from .formats import Sniffed, sniff
+from .methods import registry
 from .untrusted import ST_DTYPES, check_safetensors_header, unreadable
 
 
@@ -60,15 +61,19 @@ def artifact_sniff(path: str | os.PathLike) -> Sniffed:
     rows, metadata = _summary(Path(path))
     return sniff([name for name, _, _ in rows], metadata)
 
+
 def describe_artifact(path: str | os.PathLike) -> str:
     """What `sdtune inspect FILE` prints: layout, tensor count, parameters, bytes, dtypes and the run card."""
     path = Path(path)
     rows, metadata = _summary(path)
     numels = [torch.Size(shape).numel() for _, _, shape in rows]
     dtypes = Counter(str(dtype).removeprefix("torch.") for _, dtype, _ in rows)
+    sniffed = sniff([name for name, _, _ in rows], metadata)
+    method = registry().get(sniffed.method) if sniffed.method else None
     lines = [
         f"file:       {path}",
-        f"format:     {sniff_format([name for name, _, _ in rows], metadata)}",
+        f"format:     {sniffed.title}",
+        *(method.inspect_lines([(name, shape) for name, _, shape in rows]) if method else []),
         f"tensors:    {len(rows)}",
         f"parameters: {sum(numels):,}",
         f"bytes:      {sum(n * d.itemsize for (_, d, _), n in zip(rows, numels)):,}",

@@ -124,6 +124,12 @@ class Method(abc.ABC):
         return ""
 
     @classmethod
+    def inspect_lines(cls, shapes: list[tuple[str, tuple[int, ...]]]) -> list[str]:
+        """Lines `sdtune inspect` adds about one of its files, from its tensor names and shapes (e.g. a LoRA
+        file's algorithm, ranks and layers)."""
+        return []
+
+    @classmethod
     def prompt_words(cls, path: Path) -> list[str]:
         """The words a prompt writes to apply this file (found_by_name methods; [] when it is none of theirs)."""
         return []

@@ -1,7 +1,9 @@
 """LoRA: low-rank updates of chosen linear/conv layers, injected with peft.
 
 Canonical state keys: `<component>.<module path>.lora_A.weight`, `.lora_B.weight` and `.alpha` (0-dim),
-with component in unet / text_encoder / text_encoder_2. Files are converted by sdtune.formats.lora.
+with component in unet / text_encoder / text_encoder_2, plus `.dora_scale` ([out, 1, ...]: peft's DoRA magnitude,
+one per output feature) with --dora. Files are converted by sdtune.formats.lora, and LoCon/LoHa/LoKr/DoRA files
+(formats/lycoris.py) are applied by merging their update into the weights (weight_merge.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from ..config import opt
 from ..errors import SdtuneError
 from ..formats import written_names
 from ..formats.lora import LAYOUTS
+from ..formats.lora_diffusers import MAGNITUDE as PEFT_MAGNITUDE  # peft's DoRA magnitude: [out], or [1, out, 1, 1]
 from . import CompareRow, Method
 
 TRAIN_ADAPTER = "sdtune"
@@ -30,7 +33,8 @@ UNET_TARGET_GROUPS = {
     "resample": ["downsamplers.0.conv", "upsamplers.0.conv"],
 }
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-LORA_KEY = re.compile(r"^(?P<component>[a-z_0-9]+?)\.(?P<path>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|alpha)$")
+LORA_KEY = re.compile(r"^(?P<component>[a-z_0-9]+?)\.(?P<path>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|alpha|"
+                      r"dora_scale)$")
 
 
 @dataclass
@@ -48,6 +52,7 @@ class LoRAConfig:
     loraplus_ratio: float = opt(1.0, "LoRA+: the B (up) matrices learn this many times faster than A "
                                 "(1: plain LoRA; the LoRA+ paper suggests 16)", min=1.0, max=1000.0)
     format: str = opt("kohya", "file layout written", choices=written_names(LAYOUTS))
+    dora: bool = opt(False, "DoRA (peft's use_dora): also learn one magnitude per output feature of each layer")
 
 
 def unet_target_modules(targets: str) -> list[str]:
@@ -115,7 +120,7 @@ class LoRA(Method):
         for component, targets in plan.items():
             module = model.components()[component]
             config = LoraConfig(r=self.cfg.rank, lora_alpha=self.alpha, lora_dropout=self.cfg.dropout,
-                                target_modules=targets)
+                                target_modules=targets, use_dora=self.cfg.dora)
             try:
                 inject_adapter_in_model(config, module, adapter_name=TRAIN_ADAPTER)
             except ValueError as exc:
@@ -136,6 +141,7 @@ class LoRA(Method):
                 continue
             weights = get_peft_model_state_dict(module, adapter_name=TRAIN_ADAPTER)
             for key, value in weights.items():
+                key, value = _canonical_magnitude(key, value)
                 state[f"{component}.{key}"] = value.detach().to("cpu", torch.float32).contiguous()
             for path in paths:
                 state[f"{component}.{path}.alpha"] = torch.tensor(self.alpha, dtype=torch.float32)
@@ -146,20 +152,26 @@ class LoRA(Method):
 
         for component, weights in _split_by_component(state).items():
             module = model.components()[component]
-            tensors = {k: v for k, v in weights.items() if not k.endswith(".alpha")}
+            tensors = dict(_peft_magnitude(module, k, v) for k, v in weights.items() if not k.endswith(".alpha"))
             result = set_peft_model_state_dict(module, tensors, adapter_name=TRAIN_ADAPTER)
             if result.unexpected_keys:
                 raise SdtuneError(f"Checkpoint does not fit this LoRA setup ({result.unexpected_keys[0]}).")
 
     def metadata(self) -> dict[str, str]:
         return {"rank": str(self.cfg.rank), "alpha": str(self.alpha), "targets": self.cfg.targets,
-                "train_text_encoder": str(self.cfg.train_text_encoder).lower()}
+                "train_text_encoder": str(self.cfg.train_text_encoder).lower(), "dora": str(self.cfg.dora).lower()}
 
     # Inference ----------------------------------------------------------------------------------------------
     def apply(self, model, state: dict[str, torch.Tensor], weight: float = 1.0, name: str = "lora") -> None:
-        """Inject `state` as its own adapter next to any already applied, scaled by `weight`."""
+        """Inject `state` as its own adapter next to any already applied, scaled by `weight`; other algorithms
+        than plain LoRA (LoCon's Tucker core, LoHa, LoKr, DoRA) are merged into the weights instead."""
         from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 
+        if not _peft_holds(state):
+            from ..weight_merge import merge_into_model
+
+            merge_into_model(model, state, weight, name)
+            return
         adapter = _adapter_name(name, model)
         components = model.components()
         grouped = _split_by_component(state)
@@ -200,8 +212,8 @@ class LoRA(Method):
 
     def decode_file(self, model, tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path):
         """A LoRA file in any layout sdtune reads -> canonical state for this model (or a clear refusal)."""
-        from ..formats.lora import (check_lora_family, checked_state, detect_lora_format, from_diffusers, from_kohya,
-                                    lora_family_hints)
+        from ..formats.lora import check_lora_family, checked_state, detect_lora_format, from_kohya, lora_family_hints
+        from ..formats.lora_diffusers import from_diffusers
 
         named = isinstance(tensors, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                   for k, v in tensors.items())
@@ -217,6 +229,11 @@ class LoRA(Method):
             state = from_diffusers(tensors, metadata, paths) if layout == "diffusers" else tensors
         return checked_state(state, f"LoRA {path.name}")
 
+    @classmethod
+    def inspect_lines(cls, shapes: list[tuple[str, tuple[int, ...]]]) -> list[str]:
+        from ..lora_inspection import summary_lines
+
+        return summary_lines(shapes)
 
     @staticmethod
     def recognises(obj, metadata: dict[str, str]) -> bool:
@@ -234,7 +251,8 @@ class LoRA(Method):
     def convert(cls, obj, metadata: dict[str, str], src: Path, dst: Path, to: str, model_spec: str | None) -> Path:
         """Re-encode a LoRA file in another layout; the run card and other header fields travel along."""
         from ..artifacts import save_artifact
-        from ..formats.lora import LORA_ADAPTER_METADATA_KEY, lora_family_hints
+        from ..formats.lora import lora_family_hints
+        from ..formats.lora_header import LORA_ADAPTER_METADATA_KEY
         from ..model import architecture, base_model_from_card, load
 
         model_spec = model_spec or base_model_from_card(metadata)  # e.g. builtin: widths no family has
@@ -247,7 +265,8 @@ class LoRA(Method):
 
 def encode_state(state: dict[str, torch.Tensor], fmt: str, model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Canonical state -> (tensors, extra header metadata) in the requested file layout."""
-    from ..formats.lora import ecosystem_metadata, to_diffusers, to_kohya
+    from ..formats.lora import ecosystem_metadata, to_kohya
+    from ..formats.lora_diffusers import to_diffusers
 
     extra = ecosystem_metadata(state, model.family, model.prediction_type)
     if fmt == "kohya":
@@ -256,6 +275,30 @@ def encode_state(state: dict[str, torch.Tensor], fmt: str, model) -> tuple[dict[
         tensors, metadata = to_diffusers(state)
         return tensors, {**extra, **metadata}
     return state, extra
+
+
+def _peft_holds(state: dict[str, torch.Tensor]) -> bool:
+    """Plain LoRA (lora_A, lora_B, alpha): what peft's layers hold and diffusers' loader applies the same way."""
+    return all(LORA_KEY.match(k) and not k.endswith(".dora_scale") for k in state)
+
+
+def _canonical_magnitude(key: str, value: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """peft's DoRA magnitude as the canonical dora_scale [out, 1, ...] (same values); other keys unchanged."""
+    if not key.endswith(PEFT_MAGNITUDE):
+        return key, value
+    return key.removesuffix(PEFT_MAGNITUDE) + "dora_scale", value.reshape(-1, *[1] * (max(value.ndim, 2) - 1))
+
+
+def _peft_magnitude(module: torch.nn.Module, key: str, value: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """The canonical dora_scale back under peft's name and in the shape of peft's magnitude parameter."""
+    if not key.endswith(".dora_scale"):
+        return key, value
+    path = key.removesuffix(".dora_scale")
+    try:
+        shape = module.get_submodule(f"{path}.{PEFT_MAGNITUDE}.{TRAIN_ADAPTER}").weight.shape
+    except AttributeError:
+        raise SdtuneError(f"Checkpoint does not fit this LoRA setup ({key}: train with --dora to resume it).") from None
+    return f"{path}.{PEFT_MAGNITUDE}", value.reshape(shape)
 
 
 def _split_by_component(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
