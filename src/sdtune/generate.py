@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from collections.abc import Callable
@@ -13,6 +14,7 @@ import torch
 from .config import GENERATE_STEPS, MAX_PIXELS, MAX_SEED
 from .errors import SdtuneError
 from .faults import generation_memory_advice
+from .infotext import PNG_KEY, Applied, Infotext, model_identity, save_image
 from .prompt_embeds import pipeline_prompt_kwargs
 
 Report = Callable[[str], None]  # told one line per artifact file a prompt activated (the CLI prints to stderr)
@@ -34,6 +36,20 @@ SCHEDULERS = {
     "dpm++2m": ("DPMSolverMultistepScheduler", {}),
     "dpm++2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     "unipc": ("UniPCMultistepScheduler", {}),
+}
+# diffusers scheduler class -> the sampler name A1111 writes in an image's parameters for the same method
+# (PNDM without its PRK steps is PLMS); Karras sigmas are A1111's "Schedule type: Karras". DDPM has no A1111
+# sampler: Forge and ComfyUI call it DDPM. A class not listed is named by its class.
+A1111_SAMPLERS = {
+    "DDIMScheduler": "DDIM",
+    "DDPMScheduler": "DDPM",
+    "PNDMScheduler": "PLMS",
+    "LMSDiscreteScheduler": "LMS",
+    "EulerDiscreteScheduler": "Euler",
+    "EulerAncestralDiscreteScheduler": "Euler a",
+    "HeunDiscreteScheduler": "Heun",
+    "DPMSolverMultistepScheduler": "DPM++ 2M",
+    "UniPCMultistepScheduler": "UniPC",
 }
 
 
@@ -114,21 +130,23 @@ def make_scheduler(model, name: str):
 
 
 def apply_prompt_artifacts(model, prompt: str, artifact_dirs: list[Path],
-                           report: Report = _silent) -> str:
+                           report: Report = _silent) -> tuple[str, list[Applied]]:
     """Apply every <lora:...>/<hypernet:...> named in the prompt, reporting each file; return the prompt
-    without the tags."""
+    without the tags and what was applied."""
     from .methods import get
     from .prompt import parse_artifact_tags, resolve_artifact
 
     text, tags = parse_artifact_tags(prompt)
+    applied = []
     for tag in tags:
         path = resolve_artifact(tag, artifact_dirs)
         tensors, metadata = load_for_model(model, path)
         method = get(tag.kind if tag.kind != "hypernet" else "hypernetwork")()
         state = method.decode_file(model, tensors, metadata, path) if hasattr(method, "decode_file") else tensors
         method.apply(model, state, tag.weight, name=tag.name)
-        report(f"using {tag.kind} {path} (weight {tag.weight:g})")
-    return text
+        applied.append(Applied(tag.kind, tag.name, tag.weight, path))
+        report(applied[-1].report())
+    return text, applied
 
 
 def load_for_model(model, path: Path) -> tuple:
@@ -148,15 +166,16 @@ EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
 
 
 def activate_embeddings(model, texts: list[str], artifact_dirs: list[Path],
-                        report: Report = _silent) -> list[str]:
+                        report: Report = _silent) -> tuple[list[str], list[Applied]]:
     """Load every Textual Inversion embedding whose name is written as a word in `texts` (earlier folders and
     shallower files win), reporting each file; return the texts with those names spelled as registered, which
     lets the pipeline expand a multi-vector name to all its vectors (tok -> "tok tok_1 tok_2", as diffusers
-    does). A1111's convention makes any file stem a trigger word, so the report says which files a prompt woke."""
+    does), and what was applied. A1111's convention makes any file stem a trigger word, so the report says
+    which files a prompt woke."""
     from .formats.embeddings import detect, file_names
     from .methods import get
 
-    method, active = get("textual-inversion")(), set()
+    method, active, applied = get("textual-inversion")(), set(), []
     for path in _artifact_files(artifact_dirs, EMBEDDING_SUFFIXES):
         name = next((n for n in file_names(path) if n.lower() not in active and _word_in(n, texts)), None)
         if name is None:
@@ -167,11 +186,12 @@ def activate_embeddings(model, texts: list[str], artifact_dirs: list[Path],
         vectors = method.decode_file(model, obj, metadata, path)
         method.apply(model, vectors, name=name)
         active.add(name.lower())
-        report(f"using embedding {path} ({_plural(next(iter(vectors.values())).shape[0], 'vector')})")
+        applied.append(Applied("embedding", name, 1.0, path))
+        report(applied[-1].report(_plural(next(iter(vectors.values())).shape[0], "vector")))
     _refuse_unknown_new_words(model, texts, active, artifact_dirs)
     for name in active:
         texts = [_word_pattern(name).sub(lambda _, n=name: n, t) for t in texts]
-    return texts
+    return texts, applied
 
 
 # How a learned word is written (diffusers' "<cat-toy>"); artifact tags such as <lora:x:1> carry a colon.
@@ -216,10 +236,12 @@ def generate(model, prompt: str, options: GenerateOptions) -> list:
     above CHUNK, as that many pipeline calls of CHUNK images drawing from one generator)."""
     check_options(options)
     check_clip_skip(model, options.clip_skip)
-    text = apply_prompt_artifacts(model, prompt, options.artifact_dirs, options.report)
-    text, negative = activate_embeddings(model, [text, options.negative_prompt], options.artifact_dirs,
-                                         options.report)
-    pipe = model.pipeline(make_scheduler(model, options.scheduler))
+    identity = model_identity(model)  # of the base weights, before artifacts change them
+    text, applied = apply_prompt_artifacts(model, prompt, options.artifact_dirs, options.report)
+    (text, negative), embeddings = activate_embeddings(model, [text, options.negative_prompt],
+                                                       options.artifact_dirs, options.report)
+    scheduler = make_scheduler(model, options.scheduler)
+    pipe = model.pipeline(scheduler)
     extra = {"width": options.width or None, "height": options.height or None}
     if options.guidance is not None:
         extra["guidance_scale"] = options.guidance
@@ -232,7 +254,25 @@ def generate(model, prompt: str, options: GenerateOptions) -> list:
             result = pipe(**prompt_kwargs, num_inference_steps=options.steps, generator=generator,
                           num_images_per_prompt=min(CHUNK, options.count - start), **extra)
             images += result.images
+    info = _infotext(identity, pipe, prompt, options, [*applied, *embeddings])
+    for position, image in enumerate(images):
+        image.info[PNG_KEY] = info.text(image.size, position, len(images))
     return images
+
+
+def _infotext(identity: tuple[str, str], pipe, prompt: str, options: GenerateOptions,
+              applied: list[Applied]) -> Infotext:
+    """What the images were made with, in the terms of A1111's infotext (see sdtune.infotext); `identity`
+    is the base model's (hash, name)."""
+    scheduler = pipe.scheduler
+    guidance = options.guidance
+    if guidance is None:  # the pipeline's own default, read from its signature
+        guidance = inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default
+    model_hash, model_name = identity
+    return Infotext(prompt, options.negative_prompt, options.steps,
+                    A1111_SAMPLERS.get(type(scheduler).__name__, type(scheduler).__name__), guidance, options.seed,
+                    model_hash, model_name, "Karras" if scheduler.config.get("use_karras_sigmas") else None,
+                    options.clip_skip, applied)
 
 
 def check_image_path(path: str | Path, count: int = 1) -> Path:
@@ -266,7 +306,10 @@ def save_images(images: list, path: str | Path) -> list[Path]:
 
     targets = image_paths(path, len(images))
     pictures = [image_grid(images), *images] if len(images) > 1 else images
-    return atomic_write_many([(target, picture.save) for target, picture in zip(targets, pictures)])
+    if len(images) > 1 and PNG_KEY in images[0].info:  # A1111 gives a grid its first image's text
+        pictures[0].info[PNG_KEY] = images[0].info[PNG_KEY]
+    return atomic_write_many([(target, lambda tmp, p=picture: save_image(p, tmp))
+                              for target, picture in zip(targets, pictures)])
 
 
 def image_grid(images: list, columns: int | None = None):

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import SdtuneError
+from .a1111_pickle import write_pt
 
 LAYOUTS = ("sdtune", "diffusers", "kohya", "a1111")
 SUFFIX = {"sdtune": ".safetensors", "diffusers": ".safetensors", "kohya": ".safetensors", "a1111": ".pt"}
@@ -126,13 +127,13 @@ def encode_embedding(emb: Embedding, layout: str) -> dict[str, Any]:
         if value is not None and a1111_field in A1111_INT_FIELDS:
             value = int(value) if value.lstrip("-").isdigit() else None
         pt[a1111_field] = value
-    pt[SDTUNE_PT_KEY] = dict(emb.metadata)
+    pt[SDTUNE_PT_KEY] = dict(sorted(emb.metadata.items()))  # one order, whatever the source: same bytes
     return pt
 
 
 def write_embedding(path: Path, emb: Embedding, layout: str) -> Path:
     """Write `emb` atomically at `path` in `layout`; the suffix must be the layout's (.pt for a1111)."""
-    from ..artifacts import atomic_write_via, save_artifact
+    from ..artifacts import save_artifact
 
     path = Path(path)
     if layout in SUFFIX and path.suffix.lower() != SUFFIX[layout]:
@@ -143,7 +144,7 @@ def write_embedding(path: Path, emb: Embedding, layout: str) -> Path:
     obj = encode_embedding(clean, layout)
     if layout != "a1111":
         return save_artifact(path, obj, clean.metadata)
-    return atomic_write_via(path, lambda tmp: torch.save(obj, tmp))
+    return write_pt(path, obj)
 
 
 def file_names(path: Path) -> list[str]:

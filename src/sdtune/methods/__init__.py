@@ -61,6 +61,7 @@ class Method(Protocol):
     #                                      (sdtune bench sizes a full-size artifact from it without memory)
     #   decode_file(model, obj, metadata, path) -> state   read any file layout of this method
     #   recognises(obj, metadata) / convert(obj, metadata, src, dst, to, model_spec)   for `sdtune convert`
+    #   client_usage(path) -> str          how other tools use the written file (printed after training)
 
 
 def registry() -> dict[str, type]:
