@@ -233,15 +233,15 @@ def _artifact_files(folders: list[Path], suffixes: tuple[str, ...]) -> list[Path
 @torch.no_grad()
 def generate(model, prompt: str, options: GenerateOptions) -> list:
     """Images (PIL) for `prompt`; the same seed gives the same images as a plain diffusers pipeline (for -n
-    above CHUNK, as that many pipeline calls of CHUNK images drawing from one generator)."""
+    above CHUNK, as that many pipeline calls of CHUNK images drawing from one generator). Each carries A1111's
+    parameters text in image.info (save_images writes it into the file)."""
     check_options(options)
     check_clip_skip(model, options.clip_skip)
     identity = model_identity(model)  # of the base weights, before artifacts change them
     text, applied = apply_prompt_artifacts(model, prompt, options.artifact_dirs, options.report)
     (text, negative), embeddings = activate_embeddings(model, [text, options.negative_prompt],
                                                        options.artifact_dirs, options.report)
-    scheduler = make_scheduler(model, options.scheduler)
-    pipe = model.pipeline(scheduler)
+    pipe = model.pipeline(make_scheduler(model, options.scheduler))
     extra = {"width": options.width or None, "height": options.height or None}
     if options.guidance is not None:
         extra["guidance_scale"] = options.guidance
@@ -301,7 +301,8 @@ def image_paths(path: str | Path, count: int) -> list[Path]:
 
 
 def save_images(images: list, path: str | Path) -> list[Path]:
-    """One image at PATH; several at PATH's stem + -0, -1, ... and a grid of them at PATH, all or none."""
+    """One image at PATH; several at PATH's stem + -0, -1, ... and a grid of them at PATH, all or none; each
+    with its A1111 parameters text where the format has room (sdtune.infotext.save_image)."""
     from .artifacts import atomic_write_many
 
     targets = image_paths(path, len(images))

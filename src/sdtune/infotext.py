@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .artifacts import file_hash
+from .model import SINGLE_FILE_SUFFIXES
 
 PNG_KEY = "parameters"
 EXIF_IFD = 0x8769  # the EXIF sub-IFD, where UserComment lives
@@ -33,7 +34,6 @@ TIFF_LONG, TIFF_UNDEFINED = 4, 7  # TIFF field types
 IFD_BYTES = 2 + 12 + 4  # an IFD of one entry: count, the entry, the next IFD's offset
 MODEL_HASH_CHARS = 10  # A1111's checkpoint short hash
 ARTIFACT_HASH_CHARS = 12  # A1111's embedding and LoRA short hash
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 HASH_FIELDS = {"embedding": "TI hashes", "lora": "Lora hashes"}  # A1111 names no hypernetwork hash
 # Characters A1111 drops from a resource name inside a hash list (they would split it).
 NAME_UNSAFE = str.maketrans("", "", ":,")
