@@ -266,8 +266,9 @@ def _infotext(identity: tuple[str, str], pipe, prompt: str, options: GenerateOpt
     is the base model's (hash, name)."""
     scheduler = pipe.scheduler
     guidance = options.guidance
-    if guidance is None:  # the pipeline's own default, read from its signature
-        guidance = inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default
+    if guidance is None:  # the pipeline's own default, read from its signature (None: not said)
+        default = inspect.signature(pipe.__call__).parameters.get("guidance_scale")
+        guidance = None if default is None else default.default
     model_hash, model_name = identity
     return Infotext(prompt, options.negative_prompt, options.steps,
                     A1111_SAMPLERS.get(type(scheduler).__name__, type(scheduler).__name__), guidance, options.seed,

@@ -62,7 +62,7 @@ class Infotext:
     negative_prompt: str
     steps: int
     sampler: str
-    cfg_scale: float
+    cfg_scale: float | None
     seed: int
     model_hash: str
     model_name: str
@@ -74,7 +74,8 @@ class Infotext:
         """The text for one image of `size` (width, height), image `position` of `count` drawn together."""
         fields: dict[str, object] = {
             "Steps": self.steps, "Sampler": self.sampler, "Schedule type": self.schedule_type,
-            "CFG scale": float(self.cfg_scale), "Seed": self.seed, "Size": f"{size[0]}x{size[1]}",
+            "CFG scale": None if self.cfg_scale is None else float(self.cfg_scale), "Seed": self.seed,
+            "Size": f"{size[0]}x{size[1]}",
             "Model hash": self.model_hash, "Model": self.model_name,
             "Clip skip": self.clip_skip if self.clip_skip > 1 else None,
             # sdtune draws every image of one -n from one generator: the batch says how to get this one again
