@@ -58,9 +58,9 @@ def test_textual_inversion_with_no_other_flag_trains_and_generates_by_the_word_t
     out = tmp_path / "out"
     assert main(["train", "textual-inversion", "--model", "builtin", "--images", str(folder),
                  "--class-word", "circle", "--output", str(out)]) == 0
-    printed = capsys.readouterr().err.strip().splitlines()
-    assert printed[-1].startswith("generate with: sdtune generate ")
-    argv = shlex.split(printed[-1].removeprefix("generate with: sdtune "))
+    *_, hint, client = capsys.readouterr().err.strip().splitlines()
+    assert hint.startswith("generate with: sdtune generate ") and "write _sks_ in the prompt" in client
+    argv = shlex.split(hint.removeprefix("generate with: sdtune "))
     common = ["--steps", "5", "--seed", "1"]
     assert main([*argv, *common, "--output", str(tmp_path / "with.png")]) == 0
     without = [a.replace("<sks>", "") for a in argv]  # the same prompt without the learned word

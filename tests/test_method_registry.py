@@ -139,7 +139,7 @@ def test_a_registered_method_is_everywhere_without_another_code_change(registere
         images[tag] = np.asarray(Image.open(tmp_path / f"{len(images)}.png"))
     assert np.array_equal(images[""], images["<bias:sks:0>"])
     assert not np.array_equal(images[""], images["<bias:sks:1>"])
-    assert f"using bias {trained} (weight 1)" in capsys.readouterr().err
+    assert f"using bias sks (weight 1) from {trained}" in capsys.readouterr().err
 
 
 def test_the_ui_bench_and_compare_offer_a_registered_method(registered, tmp_path, capsys):

@@ -96,7 +96,8 @@ def test_generate_names_each_artifact_file_a_prompt_activated(capsys, tmp_path):
     assert main(GENERATE + ["--prompt", "a photo of a dog <lora:lo:0.5>", "--artifacts", str(folder),
                             "--output", str(out)]) == 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"using lora {folder / 'lo.pt'} (weight 0.5)", f"using embedding {folder / 'dog.pt'} (1 vector)"]
+    assert err == [f"using lora lo (weight 0.5) from {folder / 'lo.pt'}",
+                   f"using embedding dog (1 vector) from {folder / 'dog.pt'}"]
 
 
 def test_a_pickle_length_field_claiming_petabytes_is_refused_unallocated(tmp_path):
@@ -241,4 +242,5 @@ def test_a_hidden_temp_file_of_a_killed_write_is_never_loaded(capsys, tmp_path):
     stale = {"string_to_param": {"*": torch.ones(2, 32)}, "name": "tokq", "sdtune": {"textual-inversion_token": "tokq"}}
     torch.save(stale, folder / ".tokq.1a2b3c4d.tmp.pt")
     assert main(GENERATE + ["--prompt", "a photo of tokq", "--artifacts", str(folder), "--output", str(out)]) == 0
-    assert capsys.readouterr().err.strip().splitlines() == [f"using embedding {folder / 'tokq.pt'} (1 vector)"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"using embedding tokq (1 vector) from {folder / 'tokq.pt'}"]

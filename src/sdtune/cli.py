@@ -283,6 +283,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     # stdout holds only the paths (scripts read them); the hint goes with the progress messages.
     print(f"generate with: sdtune generate {method.usage(args.model, Path(args.output), name, data_cfg.token)} "
           f"--output {name}.png", file=sys.stderr)
+    elsewhere = method.client_usage(result.paths[0])  # e.g. the word A1111 knows an embedding by
+    if elsewhere:
+        print(elsewhere, file=sys.stderr)
     return 0
 
 

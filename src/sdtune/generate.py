@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from collections.abc import Callable
@@ -13,6 +14,7 @@ import torch
 from .config import GENERATE_STEPS, MAX_PIXELS, MAX_SEED
 from .errors import SdtuneError
 from .faults import generation_memory_advice
+from .infotext import PNG_KEY, Applied, Infotext, model_identity, save_image
 from .prompt_embeds import pipeline_prompt_kwargs
 
 Report = Callable[[str], None]  # told one line per artifact file a prompt activated (the CLI prints to stderr)
@@ -34,6 +36,20 @@ SCHEDULERS = {
     "dpm++2m": ("DPMSolverMultistepScheduler", {}),
     "dpm++2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     "unipc": ("UniPCMultistepScheduler", {}),
+}
+# diffusers scheduler class -> the sampler name A1111 writes in an image's parameters for the same method
+# (PNDM without its PRK steps is PLMS); Karras sigmas are A1111's "Schedule type: Karras". DDPM has no A1111
+# sampler: Forge and ComfyUI call it DDPM. A class not listed is named by its class.
+A1111_SAMPLERS = {
+    "DDIMScheduler": "DDIM",
+    "DDPMScheduler": "DDPM",
+    "PNDMScheduler": "PLMS",
+    "LMSDiscreteScheduler": "LMS",
+    "EulerDiscreteScheduler": "Euler",
+    "EulerAncestralDiscreteScheduler": "Euler a",
+    "HeunDiscreteScheduler": "Heun",
+    "DPMSolverMultistepScheduler": "DPM++ 2M",
+    "UniPCMultistepScheduler": "UniPC",
 }
 
 
@@ -110,21 +126,24 @@ def make_scheduler(model, name: str):
 
 
 def apply_prompt_artifacts(model, prompt: str, artifact_dirs: list[Path],
-                           report: Report = _silent) -> str:
+                           report: Report = _silent) -> tuple[str, list[Applied]]:
     """Apply every artifact a prompt tag names (<lora:...>, <hypernet:...>: the registered methods' tags),
-    reporting each file; return the prompt without the tags."""
+    reporting each file; return the prompt without the tags and what was applied."""
     from .methods import by_prompt_tag
     from .prompt import parse_artifact_tags, resolve_artifact
 
     text, tags = parse_artifact_tags(prompt)
     methods = by_prompt_tag()
+    applied = []
     for tag in tags:
         path = resolve_artifact(tag, artifact_dirs)
         tensors, metadata = load_for_model(model, path)
-        method = methods[tag.kind]()
+        cls = methods[tag.kind]
+        method = cls()
         method.apply(model, method.decode_file(model, tensors, metadata, path), tag.weight, name=tag.name)
-        report(f"using {tag.kind} {path} (weight {tag.weight:g})")
-    return text
+        applied.append(Applied(cls, tag.kind, tag.name, tag.weight, path))
+        report(applied[-1].report())
+    return text, applied
 
 
 def load_for_model(model, path: Path) -> tuple:
@@ -147,16 +166,17 @@ def check_family(card: dict[str, str], model, path: Path) -> None:
 
 
 def activate_embeddings(model, texts: list[str], artifact_dirs: list[Path],
-                        report: Report = _silent) -> list[str]:
+                        report: Report = _silent) -> tuple[list[str], list[Applied]]:
     """Load every file of a method that finds its files by name (Textual Inversion embeddings) whose name is
     written as a word in `texts` (earlier folders and shallower files win), reporting each file; return the
     texts with those names spelled as registered, which lets the pipeline expand a multi-vector name to all its
-    vectors (tok -> "tok tok_1 tok_2", as diffusers does). A1111's convention makes any file stem a trigger word,
-    so the report says which files a prompt woke."""
+    vectors (tok -> "tok tok_1 tok_2", as diffusers does), and what was applied. A1111's convention makes any
+    file stem a trigger word, so the report says which files a prompt woke."""
     from .methods import listing, registry
 
     finders = [cls for cls in registry().values() if cls.found_by_name]
     active: set[str] = set()
+    applied = []
     for cls in finders:
         method = cls()
         for path in _artifact_files(artifact_dirs, tuple(dict.fromkeys(lay.suffix for lay in cls.layouts))):
@@ -169,13 +189,13 @@ def activate_embeddings(model, texts: list[str], artifact_dirs: list[Path],
             state = method.decode_file(model, obj, metadata, path)
             method.apply(model, state, name=name)
             active.add(name.lower())
-            facts = method.describe(state)
-            report(f"using {cls.file_noun} {path}" + (f" ({facts})" if facts else ""))
+            applied.append(Applied(cls, cls.file_noun, name, 1.0, path))
+            report(applied[-1].report(method.describe(state)))
     if finders:
         _refuse_unknown_new_words(model, texts, active, artifact_dirs, listing([c.file_noun for c in finders], "or"))
     for name in active:
         texts = [_word_pattern(name).sub(lambda _, n=name: n, t) for t in texts]
-    return texts
+    return texts, applied
 
 
 # How a learned word is written (diffusers' "<cat-toy>"); artifact tags such as <lora:x:1> carry a colon.
@@ -218,12 +238,14 @@ def _artifact_files(folders: list[Path], suffixes: tuple[str, ...]) -> list[Path
 @torch.no_grad()
 def generate(model, prompt: str, options: GenerateOptions) -> list:
     """Images (PIL) for `prompt`; the same seed gives the same images as a plain diffusers pipeline (for -n
-    above CHUNK, as that many pipeline calls of CHUNK images drawing from one generator)."""
+    above CHUNK, as that many pipeline calls of CHUNK images drawing from one generator). Each carries A1111's
+    parameters text in image.info (save_images writes it into the file)."""
     check_options(options)
     check_clip_skip(model, options.clip_skip)
-    text = apply_prompt_artifacts(model, prompt, options.artifact_dirs, options.report)
-    text, negative = activate_embeddings(model, [text, options.negative_prompt], options.artifact_dirs,
-                                         options.report)
+    identity = model_identity(model)  # of the base weights, before artifacts change them
+    text, applied = apply_prompt_artifacts(model, prompt, options.artifact_dirs, options.report)
+    (text, negative), embeddings = activate_embeddings(model, [text, options.negative_prompt],
+                                                       options.artifact_dirs, options.report)
     pipe = model.pipeline(make_scheduler(model, options.scheduler))
     extra = {"width": options.width or None, "height": options.height or None}
     if options.guidance is not None:
@@ -237,7 +259,26 @@ def generate(model, prompt: str, options: GenerateOptions) -> list:
             result = pipe(**prompt_kwargs, num_inference_steps=options.steps, generator=generator,
                           num_images_per_prompt=min(CHUNK, options.count - start), **extra)
             images += result.images
+    info = _infotext(identity, pipe, prompt, options, [*applied, *embeddings])
+    for position, image in enumerate(images):
+        image.info[PNG_KEY] = info.text(image.size, position, len(images))
     return images
+
+
+def _infotext(identity: tuple[str, str], pipe, prompt: str, options: GenerateOptions,
+              applied: list[Applied]) -> Infotext:
+    """What the images were made with, in the terms of A1111's infotext (see sdtune.infotext); `identity`
+    is the base model's (hash, name)."""
+    scheduler = pipe.scheduler
+    guidance = options.guidance
+    if guidance is None:  # the pipeline's own default, read from its signature (None: not said)
+        default = inspect.signature(pipe.__call__).parameters.get("guidance_scale")
+        guidance = None if default is None else default.default
+    model_hash, model_name = identity
+    return Infotext(prompt, options.negative_prompt, options.steps,
+                    A1111_SAMPLERS.get(type(scheduler).__name__, type(scheduler).__name__), guidance, options.seed,
+                    model_hash, model_name, "Karras" if scheduler.config.get("use_karras_sigmas") else None,
+                    options.clip_skip, applied)
 
 
 def check_image_path(path: str | Path, count: int = 1) -> Path:
@@ -266,12 +307,16 @@ def image_paths(path: str | Path, count: int) -> list[Path]:
 
 
 def save_images(images: list, path: str | Path) -> list[Path]:
-    """One image at PATH; several at PATH's stem + -0, -1, ... and a grid of them at PATH, all or none."""
+    """One image at PATH; several at PATH's stem + -0, -1, ... and a grid of them at PATH, all or none; each
+    with its A1111 parameters text where the format has room (sdtune.infotext.save_image)."""
     from .artifacts import atomic_write_many
 
     targets = image_paths(path, len(images))
     pictures = [image_grid(images), *images] if len(images) > 1 else images
-    return atomic_write_many([(target, picture.save) for target, picture in zip(targets, pictures)])
+    if len(images) > 1 and PNG_KEY in images[0].info:  # A1111 gives a grid its first image's text
+        pictures[0].info[PNG_KEY] = images[0].info[PNG_KEY]
+    return atomic_write_many([(target, lambda tmp, p=picture: save_image(p, tmp))
+                              for target, picture in zip(targets, pictures)])
 
 
 def image_grid(images: list, columns: int | None = None):

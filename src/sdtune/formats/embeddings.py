@@ -22,6 +22,7 @@ import torch
 
 from ..errors import SdtuneError
 from . import Layout, written_names
+from .a1111_pickle import write_pt
 
 # Text-encoder component <-> SDXL file key (one table, both directions).
 SDXL_KEYS: dict[str, str] = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
@@ -141,13 +142,13 @@ def encode_embedding(emb: Embedding, layout: str) -> dict[str, Any]:
         if value is not None and a1111_field in A1111_INT_FIELDS:
             value = int(value) if value.lstrip("-").isdigit() else None
         pt[a1111_field] = value
-    pt[SDTUNE_PT_KEY] = dict(emb.metadata)
+    pt[SDTUNE_PT_KEY] = dict(sorted(emb.metadata.items()))  # one order, whatever the source: same bytes
     return pt
 
 
 def write_embedding(path: Path, emb: Embedding, layout: str) -> Path:
     """Write `emb` atomically at `path` in `layout`; the suffix must be the layout's (.pt for a1111)."""
-    from ..artifacts import atomic_write_via, save_artifact
+    from ..artifacts import save_artifact
 
     path = Path(path)
     if layout in SUFFIX and path.suffix.lower() != SUFFIX[layout]:
@@ -158,7 +159,7 @@ def write_embedding(path: Path, emb: Embedding, layout: str) -> Path:
     obj = encode_embedding(clean, layout)
     if layout != "a1111":
         return save_artifact(path, obj, clean.metadata)
-    return atomic_write_via(path, lambda tmp: torch.save(obj, tmp))
+    return write_pt(path, obj)
 
 
 def file_names(path: Path) -> list[str]:

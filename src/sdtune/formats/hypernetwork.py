@@ -9,7 +9,6 @@ conversion carries every tensor and entry unchanged. No modules are built here (
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import re
@@ -22,6 +21,7 @@ import torch
 
 from ..errors import SdtuneError
 from . import Layout
+from .a1111_pickle import pt_bytes
 
 SIDES = ("k", "v")
 WEIGHT_INITS = ("Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal")
@@ -213,10 +213,8 @@ def to_a1111(hf: HypernetworkFile) -> dict:
 
 
 def a1111_bytes(hf: HypernetworkFile) -> bytes:
-    """The .pt file's bytes (saved to memory, so they do not depend on the file name)."""
-    buffer = io.BytesIO()
-    torch.save(to_a1111(hf), buffer)
-    return buffer.getvalue()
+    """The .pt file's bytes, as A1111's safety check accepts them (see a1111_pickle)."""
+    return pt_bytes(to_a1111(hf))
 
 
 # sdtune safetensors form ---------------------------------------------------------------------------------------

@@ -60,6 +60,10 @@ class Method(abc.ABC):
     token_template: ClassVar[str] = "{token}"  # how it spells the subject's word ({token}): "<{token}>" for a new one
     converts: ClassVar[bool] = False  # `sdtune convert` rewrites its files between its layouts (recognises, convert)
     saves_frozen_weights: ClassVar[bool] = False  # the artifact holds frozen weights too: keep them full precision
+    # The "parameters" text of generated images names applied files under this A1111 field ("": not named), by
+    # the sha256 of the whole file or, as kohya's "addnet" hash, of a .safetensors file's tensor bytes.
+    a1111_hash_field: ClassVar[str] = ""
+    a1111_hash: ClassVar[str] = "file"  # or "tensors"
     compare_rows: ClassVar[tuple[CompareRow, ...]] = ()  # () : one row named after the method, default settings
 
     cfg: Any
@@ -121,6 +125,11 @@ class Method(abc.ABC):
 
     def describe(self, state) -> str:
         """A few words about a decoded file for generate's report ("2 vectors"; "": nothing to add)."""
+        return ""
+
+    def client_usage(self, path: Path) -> str:
+        """How other tools (AUTOMATIC1111, ComfyUI) use a written file, when that needs saying (printed after
+        training; "": nothing to say)."""
         return ""
 
     @classmethod

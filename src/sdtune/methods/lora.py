@@ -91,6 +91,7 @@ class LoRA(Method):
     prompt_tag = "lora"
     prompt_tag_aliases = ("lyco",)  # as A1111's built-in Lora extension (LyCORIS files load through it)
     converts = True
+    a1111_hash_field, a1111_hash = "Lora hashes", "tensors"
     # builtin: measured on the builtin model (BENCHMARKS.md). The ResNet convolutions too: the subject stays on
     # its token (prior preservation 1.00 over 3 seeds against 0.69 for attention alone) at the same subject
     # fidelity.

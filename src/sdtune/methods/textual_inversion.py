@@ -154,6 +154,7 @@ class TextualInversion(Method):
     file_noun = "embedding"
     token_template = NEW_WORD
     converts = True
+    a1111_hash_field = "TI hashes"
     # builtin: measured on the builtin model (BENCHMARKS.md).
     compare_rows = (CompareRow("textual-inversion", "#2ca02c", {
         "builtin": {"token": NEW_WORD, "train": {"steps": 300, "lr": 5.0e-2, "batch_size": 4},
@@ -252,6 +253,13 @@ class TextualInversion(Method):
 
     def usage(self, model: str, out_dir: Path, name: str, token: str) -> str:
         return f'--model {model} --artifacts {out_dir} --prompt "a {token} ..."'
+
+    def client_usage(self, path: Path) -> str:
+        """How to use the written file in AUTOMATIC1111 and ComfyUI: both name an embedding by its file name,
+        which is the token only where the token is a valid file name (`<zwx>` is saved as `_zwx_`)."""
+        word = Path(path).stem
+        return (f"in AUTOMATIC1111: copy {Path(path).name} into stable-diffusion-webui/embeddings and write "
+                f"{word} in the prompt (in ComfyUI: embedding:{word})")
 
     def output_files(self, name: str, fmt: str | None = None) -> list[str]:
         """What `save` writes into the output folder."""

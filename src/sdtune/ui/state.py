@@ -42,12 +42,14 @@ class ModelSource:
 
     def fresh(self):
         """A copy of the base model that a job may change freely."""
+        from ..infotext import model_identity
         from ..model import load
 
         with self._lock:
             if self._base is None:
                 base = load(self.spec, config=self.config)
                 base.fingerprint()  # computed once on the pristine weights; copies inherit it
+                model_identity(base)  # a checkpoint file's A1111 hash (for images' parameters): read once
                 self._base = base
             return copy.deepcopy(self._base)
 
