@@ -306,12 +306,15 @@ def _peft_magnitude(module: torch.nn.Module, key: str, value: torch.Tensor) -> t
 
 
 def _split_by_component(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Canonical state (any algorithm's parameters) -> {component: {module path.param: tensor}}."""
+    from ..formats.lora import COMPONENTS
+    from ..formats.lycoris import KOHYA_PARAMS, param_of
+
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
-        match = LORA_KEY.match(key)
-        if not match:
+        component, _, rest = key.partition(".")
+        if component not in COMPONENTS or param_of(rest, KOHYA_PARAMS) is None:
             raise SdtuneError(f"'{key}' is not a LoRA weight key.")
-        component, rest = key.split(".", 1)
         grouped.setdefault(component, {})[rest] = value
     return grouped
 
