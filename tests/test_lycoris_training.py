@@ -129,6 +129,7 @@ REFUSED = {  # flags -> words the one-line refusal must hold
     ("--rank-dropout", "0.1"): ("--rank-dropout", "LoRA"),
     ("--algo", "loha", "--format", "diffusers"): ("LoHa", "diffusers", "LoRA and DoRA only", "kohya"),
     ("--algo", "lokr", "--lokr-factor", "0"): ("--lokr-factor", "-1"),
+    ("--algo", "loha", "--lokr-factor", "4"): ("--lokr-factor", "lokr", "loha"),
 }
 
 

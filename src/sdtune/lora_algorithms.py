@@ -13,6 +13,7 @@ lokr_w2_a), and full-rank Kronecker factors keep the run's rate.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -68,21 +69,24 @@ ALGORITHMS: dict[str, Algorithm] = {
 DIFFUSERS_ALGORITHMS = ("lora",)
 
 
+# Settings that only some algorithms have: field -> (those algorithms, why the others do not).
+OWN_SETTINGS: dict[str, tuple[tuple[str, ...], str]] = {
+    "dora": (("lora",), "peft has no DoRA for LoHa or LoKr"),
+    "dropout": (("lora",), "LyCORIS's LoHa and LoKr have no input dropout; use --rank-dropout or --module-dropout"),
+    "rank_dropout": (("loha", "lokr"), "peft's LoRA has no such dropout; use --dropout"),
+    "module_dropout": (("loha", "lokr"), "peft's LoRA has no such dropout; use --dropout"),
+    "lokr_factor": (("lokr",), "only LoKr splits a width into Kronecker factors"),
+    "lokr_decompose_both": (("lokr",), "only LoKr has Kronecker factors"),
+}
+
+
 def check_settings(cfg) -> None:
     """Refuse, in one line, LoRA settings that do not go together (before anything loads or trains)."""
-    algo = ALGORITHMS[cfg.algo]
-    if cfg.algo == "lora":
-        lycoris_only = next((f for f in ("rank_dropout", "module_dropout") if getattr(cfg, f)), None)
-        if lycoris_only:
-            raise SdtuneError(f"--{lycoris_only.replace('_', '-')} is LoHa's and LoKr's (LyCORIS's); peft's LoRA "
-                              "has no such dropout: use --dropout (input dropout) or --algo loha/lokr.")
-        return
-    if cfg.dora:
-        raise SdtuneError(f"--dora trains LoRA only: peft has no DoRA for {algo.label}; drop --dora or use "
-                          "--algo lora.")
-    if cfg.dropout:
-        raise SdtuneError(f"--dropout is LoRA's input dropout, which {algo.label} does not have (nor in LyCORIS); "
-                          "use --rank-dropout or --module-dropout.")
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    for name, (owners, why) in OWN_SETTINGS.items():
+        if cfg.algo not in owners and getattr(cfg, name) != defaults[name]:
+            flag = "--" + name.replace("_", "-")
+            raise SdtuneError(f"{flag} is for --algo {' or '.join(owners)}, not {cfg.algo}: {why}.")
     if cfg.lokr_factor == 0:
         raise SdtuneError("--lokr-factor is 0; give a factor of at least 1, or -1 for the most balanced split.")
     check_layout(cfg.algo, cfg.format)
