@@ -33,7 +33,7 @@ def _lycoris_options(cfg, alpha: float) -> dict[str, Any]:
 
 
 def _lokr_options(cfg, alpha: float) -> dict[str, Any]:
-    # LyCORIS's settings and initialisation (w1 random, w2 zero): what its recommended rates were tuned with.
+    # LyCORIS's initialisation (w1 random, w2 zero; peft's own is the reverse), so it trains as LyCORIS's would.
     return {**_lycoris_options(cfg, alpha), "decompose_factor": cfg.lokr_factor,
             "decompose_both": cfg.lokr_decompose_both, "init_weights": "lycoris"}
 

@@ -82,9 +82,6 @@ def unet_target_modules(targets: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-LOHA_LR, LOKR_LR, DORA_LR = 1.0e-2, 1.0e-2, 5.0e-3  # placeholder until measured
-
-
 class LoRA(Method):
     """The LoRA method (see module docstring)."""
 
@@ -97,31 +94,32 @@ class LoRA(Method):
     prompt_tag_aliases = ("lyco",)  # as A1111's built-in Lora extension (LyCORIS files load through it)
     converts = True
     a1111_hash_field, a1111_hash = "Lora hashes", "tensors"
-    # builtin: measured on the builtin model (BENCHMARKS.md). The ResNet convolutions too: the subject stays on
-    # its token (prior preservation 1.00 over 3 seeds against 0.69 for attention alone) at the same subject
-    # fidelity.
-    # The LyCORIS algorithms and DoRA are rows of this method (as dreambooth-no-prior is of DreamBooth). builtin:
-    # the measured search in BENCHMARKS.md ("LoHa, LoKr and DoRA rows"). real: LyCORIS's recommended starting
-    # points for SD1.5 (its docs' algorithm list: LoHa dim <= 32 with alpha 1 to dim/2; a "large" LoKr with
-    # factor ~8 and full dimension, alpha then ignored); its docs name no learning rate, so the LoRA row's.
+    # builtin: measured on the builtin model (BENCHMARKS.md). LoRA on the ResNet convolutions too: the subject
+    # stays on its token (prior preservation 1.00 over 3 seeds against 0.69 for attention alone) at the same
+    # subject fidelity. The LyCORIS algorithms and DoRA are rows of this method (as dreambooth-no-prior is of
+    # DreamBooth); session 7: LoHa and LoKr at twice LoRA's rate (3 seeds: 0.29 and 0.22 against LoRA's 0.25),
+    # LoKr at factor 4 and rank 16 ("full dimension" on these widths), DoRA with the LoRA row's settings (one
+    # seed). real: LyCORIS's recommended starting points for SD1.5 (its docs' algorithm list: LoHa dim <= 32 with
+    # alpha 1 to dim/2; a "large" LoKr with factor ~8 and full dimension, alpha then ignored); its docs name no
+    # learning rate, so the LoRA row's.
     compare_rows = (
         CompareRow("lora", "#ff7f0e", {
             "builtin": {"train": {"steps": 400, "lr": 5.0e-3, "batch_size": 4},
                         "lora": {"rank": 8, "targets": "attn,conv"}},
             "real": {"train": {"steps": 800, "lr": 1.0e-4, "batch_size": 1}, "lora": {"rank": 4}}}),
         CompareRow("loha", "#ad494a", {
-            "builtin": {"train": {"steps": 400, "lr": LOHA_LR, "batch_size": 4},
+            "builtin": {"train": {"steps": 400, "lr": 1.0e-2, "batch_size": 4},
                         "lora": {"algo": "loha", "rank": 8, "targets": "attn,conv"}},
             "real": {"train": {"steps": 800, "lr": 1.0e-4, "batch_size": 1},
                      "lora": {"algo": "loha", "rank": 8, "alpha": 4.0, "targets": "attn,conv"}}}),
         CompareRow("lokr", "#e7ba52", {
-            "builtin": {"train": {"steps": 400, "lr": LOKR_LR, "batch_size": 4},
+            "builtin": {"train": {"steps": 400, "lr": 1.0e-2, "batch_size": 4},
                         "lora": {"algo": "lokr", "rank": 16, "lokr_factor": 4, "targets": "attn,conv"}},
             # rank 4096: "full dimension" (no factor split) on every SD1.5 layer at factor 8
             "real": {"train": {"steps": 800, "lr": 1.0e-4, "batch_size": 1},
                      "lora": {"algo": "lokr", "rank": 4096, "lokr_factor": 8, "targets": "attn,conv"}}}),
         CompareRow("lora-dora", "#ffbb78", {
-            "builtin": {"train": {"steps": 400, "lr": DORA_LR, "batch_size": 4},
+            "builtin": {"train": {"steps": 400, "lr": 5.0e-3, "batch_size": 4},
                         "lora": {"rank": 8, "targets": "attn,conv", "dora": True}},
             "real": {"train": {"steps": 800, "lr": 1.0e-4, "batch_size": 1}, "lora": {"rank": 4, "dora": True}}}),
     )
