@@ -1,8 +1,8 @@
 """LoHa, LoKr and DoRA files trained by `sdtune train lora --algo/--dora` on tiny SD1 and SDXL: the image `generate`
 makes with <lora:NAME:1> is the base pipeline's with the file's update added to its weights by LyCORIS's own
-modules (the formulas A1111 and ComfyUI apply), weight 0 is the base image exactly, the kohya file converts to sdtune's layout
-and back bit-exact, `inspect` names the algorithm, and settings that do not go together are refused in one line
-before anything loads."""
+modules (the formulas A1111 and ComfyUI apply), weight 0 is the base image exactly, the kohya file converts to
+sdtune's layout and back bit-exact, `inspect` names the algorithm, and settings that do not go together are
+refused in one line before anything loads."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def _lycoris_names(canonical: dict[str, torch.Tensor], encoders: int) -> dict[st
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_trained_file_gives_the_image_of_its_lycoris_merge(tiny_pipeline_dirs, subject_dir, tmp_path, case):
+def test_trained_file_gives_the_image_of_lycoris_applying_it(tiny_pipeline_dirs, subject_dir, tmp_path, case):
     family, flags = CASES[case]
     model_dir = tiny_pipeline_dirs[family]
     kohya = _train(model_dir, subject_dir, tmp_path / "kohya", flags)
