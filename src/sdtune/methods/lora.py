@@ -100,8 +100,8 @@ class LoRA(Method):
     # DreamBooth); session 7: LoHa and LoKr at twice LoRA's rate (3 seeds: 0.29 and 0.22 against LoRA's 0.25),
     # LoKr at factor 4 and rank 16 ("full dimension" on these widths), DoRA with the LoRA row's settings (one
     # seed). real: LyCORIS's recommended starting points for SD1.5 (its docs' algorithm list: LoHa dim <= 32 with
-    # alpha 1 to dim/2; a "large" LoKr with factor ~8 and full dimension, alpha then ignored); its docs name no
-    # learning rate, so the LoRA row's.
+    # alpha 1 to dim/2; a "large" LoKr with factor ~8 and full dimension, alpha then ignored; its guidelines'
+    # preset attn-mlp); its docs name no learning rate, so the LoRA row's.
     compare_rows = (
         CompareRow("lora", "#ff7f0e", {
             "builtin": {"train": {"steps": 400, "lr": 5.0e-3, "batch_size": 4},
@@ -111,13 +111,13 @@ class LoRA(Method):
             "builtin": {"train": {"steps": 400, "lr": 1.0e-2, "batch_size": 4},
                         "lora": {"algo": "loha", "rank": 8, "targets": "attn,conv"}},
             "real": {"train": {"steps": 800, "lr": 1.0e-4, "batch_size": 1},
-                     "lora": {"algo": "loha", "rank": 8, "alpha": 4.0, "targets": "attn,conv"}}}),
+                     "lora": {"algo": "loha", "rank": 8, "alpha": 4.0, "targets": "attn,ff"}}}),
         CompareRow("lokr", "#e7ba52", {
             "builtin": {"train": {"steps": 400, "lr": 1.0e-2, "batch_size": 4},
                         "lora": {"algo": "lokr", "rank": 16, "lokr_factor": 4, "targets": "attn,conv"}},
             # rank 4096: "full dimension" (no factor split) on every SD1.5 layer at factor 8
             "real": {"train": {"steps": 800, "lr": 1.0e-4, "batch_size": 1},
-                     "lora": {"algo": "lokr", "rank": 4096, "lokr_factor": 8, "targets": "attn,conv"}}}),
+                     "lora": {"algo": "lokr", "rank": 4096, "lokr_factor": 8, "targets": "attn,ff"}}}),
         CompareRow("lora-dora", "#ffbb78", {
             "builtin": {"train": {"steps": 400, "lr": 5.0e-3, "batch_size": 4},
                         "lora": {"rank": 8, "targets": "attn,conv", "dora": True}},
