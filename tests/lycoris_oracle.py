@@ -60,6 +60,24 @@ def save(net, path: Path) -> Path:
     return path
 
 
+def from_file(unet, text_encoders: list, weights: dict[str, torch.Tensor]):
+    """LyCORIS's own modules built from a kohya-layout state (as its create_network_from_weights builds them for
+    kohya's scripts) and applied: its forward adds each layer's update to the weight it runs with. (Its merge_to
+    is not used: LyCORIS 4.1.3 scales a merged LoHa/LoKr update by alpha/dim twice, while its forward, its
+    training and the web UIs scale it once.)"""
+    import tomllib
+
+    from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
+
+    LycorisNetworkKohya.apply_preset(tomllib.loads(PRESET))  # its constructor first wraps the preset's layers
+    encoders = [kohya_text_encoder(e) for e in text_encoders]
+    encoder = encoders if len(encoders) > 1 else encoders[0]
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+    net, _ = create_network_from_weights(1.0, None, None, encoder, unet, weights_sd=weights)
+    net.apply_to(encoder, unet, True, True)
+    return net
+
+
 def detach(net) -> None:
     """Give the models their own forward back."""
     for module in net.loras:

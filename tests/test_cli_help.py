@@ -27,7 +27,9 @@ def test_train_help_shows_every_settings_default_and_the_allowed_values(capsys):
         assert entry, f"{flag} has no default in --help"
     for values in ("one of: auto, cpu, cuda, mps", "one of: no, fp16, bf16", "one of: constant,"):
         assert values in text, values
-    assert "file layout written; one of: kohya, diffusers, sdtune; default: kohya" in text  # the method's own
+    assert "file layout written (diffusers: LoRA and DoRA only); one of: kohya, diffusers, sdtune; default: kohya" \
+        in text  # the method's own
+    assert "one of: lora, loha, lokr; default: lora" in text
 
 
 def test_version_prints_the_package_version(capsys):

@@ -23,6 +23,9 @@ eval: {sample_steps: 2, images_per_prompt: 2, curve_images_per_prompt: 1, curve_
        prompts: ["a photo of {token} {class_word}", "a red {token} {class_word}"]}
 rows:
   lora: {train: {steps: 2, batch_size: 1}}
+  loha: {train: {steps: 2, batch_size: 1}}
+  lokr: {train: {steps: 2, batch_size: 1}, lora: {rank: 4}}
+  lora-dora: {train: {steps: 2, batch_size: 1}}
   hypernetwork: {train: {steps: 2, batch_size: 1}, hypernetwork: {sizes: "999"}}
 """
 
@@ -52,8 +55,10 @@ def test_compare_runs_each_method_in_its_own_process_and_reports_it(tmp_path, su
     assert main(argv) == 0
     assert capsys.readouterr().out.strip() == str(out / "report.html")
     results = json.loads((out / "results.json").read_text())
-    base, lora, hyper = results["rows"]
-    assert [base["name"], lora["name"], hyper["name"]] == ["base", "lora", "hypernetwork"]
+    assert [row["name"] for row in results["rows"]] == ["base", "lora", "loha", "lokr", "lora-dora", "hypernetwork"]
+    base, lora, *variants, hyper = results["rows"]  # `--methods lora` picks the LoRA method's every row
+    assert [row["settings"]["lora"].get("algo", "lora") for row in variants] == ["loha", "lokr", "lora"]
+    assert all(row["seeds_ok"] == 1 for row in variants)
 
     # Costs: from a process of its own, and equal to what the artifact holds.
     run = json.loads((out / "runs/lora/seed-0/result.json").read_text())
@@ -95,8 +100,8 @@ def test_compare_runs_each_method_in_its_own_process_and_reports_it(tmp_path, su
     assert again["rows"][1]["quality"] == lora["quality"]
     # The report says so rather than passing this invocation's seconds off as the comparison's (the failed
     # hypernetwork run is tried again).
-    assert (results["runs_reused"], again["runs_reused"], again["runs"]) == (0, 2, 3)
-    assert "(2 of 3 runs reused from an earlier invocation)" in (out / "report.md").read_text()
+    assert (results["runs_reused"], again["runs_reused"], again["runs"]) == (0, 5, 6)
+    assert "(5 of 6 runs reused from an earlier invocation)" in (out / "report.md").read_text()
     assert "reused" not in report
     assert json.loads((out / "runs/lora/seed-0/result.json").read_text())["pid"] == run["pid"]
     # ... also once the folder was moved (its jobs name paths inside it).
@@ -143,6 +148,9 @@ def test_builtin_recipe_has_the_four_methods_and_prior_on_and_off():
     plan = load_plan("builtin", "sks", "circle", "all", None, ((("a {token} circle",)), ("a circle",)))
     rows = {row.name: row for row in plan.rows}
     assert {row.method for row in plan.rows} == {None, "dreambooth", "textual-inversion", "lora", "hypernetwork"}
+    for name, algo in (("lora", "lora"), ("loha", "loha"), ("lokr", "lokr"), ("lora-dora", "lora")):
+        assert rows[name].method == "lora" and rows[name].method_cfg.get("algo", "lora") == algo, name
+    assert rows["lora-dora"].method_cfg["dora"] and not rows["lora"].method_cfg.get("dora")
     assert rows["dreambooth"].train["prior_preservation"] and not rows["dreambooth-no-prior"].train["prior_preservation"]
     assert load_plan("builtin", "sks", "circle", "dreambooth", None, (("a {token} circle",), ("a circle",))).rows[-1].name \
         == "dreambooth-no-prior"

@@ -125,13 +125,23 @@ def test_training_moves_only_lora_weights_and_lowers_the_loss(subject_dir, tmp_p
     assert result.trainable_params > 0 and result.paths[0].is_file()
 
 
-@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
-def test_resume_continues_exactly(subject_dir, tmp_path, dora):
+# id -> LoRA settings; each with its randomness (dropout draws) and, for LoKr, factors split and full alike.
+RESUMED = {
+    "lora": dict(dropout=0.1),
+    "dora": dict(dropout=0.1, dora=True),
+    "loha": dict(algo="loha", rank_dropout=0.1, module_dropout=0.1, loraplus_ratio=4.0),
+    "lokr": dict(algo="lokr", lokr_factor=4, rank_dropout=0.1, module_dropout=0.1, train_text_encoder=True),
+}
+
+
+@pytest.mark.parametrize("case", RESUMED)
+def test_resume_continues_exactly(subject_dir, tmp_path, case):
     from sdtune.artifacts import load_artifact
 
     common = dict(steps=6, lr=1e-2, batch_size=2, lr_scheduler="cosine", log_dir="none")
     data_cfg = DataConfig(images=str(subject_dir), token="sks", class_word="dog", flip=True, center_crop=False)
-    cfg = LoRAConfig(rank=4, dropout=0.1, format="sdtune", dora=dora, targets="attn,conv")
+    cfg = LoRAConfig(rank=4, format="sdtune", targets="attn,conv", **RESUMED[case])
+    dora = cfg.dora
     full = tmp_path / "full"
     train(load("tiny:sd1"), LoRA(cfg), TrainConfig(checkpoint_every=3, **common), data_cfg, full, "a",
           progress=False)
@@ -143,6 +153,8 @@ def test_resume_continues_exactly(subject_dir, tmp_path, dora):
     a, _ = load_artifact(full / "a.safetensors")
     b, _ = load_artifact(resumed / "a.safetensors")
     assert a.keys() == b.keys() and any(k.endswith(".dora_scale") for k in a) == dora
+    prefix = {"lora": ".lora_A.", "loha": ".hada_w1_a", "lokr": ".lokr_w1"}[cfg.algo]
+    assert any(prefix in k for k in a), "the file holds another algorithm's parameters"
     for key in a:
         assert torch.equal(a[key], b[key]), key
 

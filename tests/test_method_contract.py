@@ -26,6 +26,13 @@ from sdtune.train import train
 NAME = "art"
 COMMON = dict(lr=1e-2, batch_size=2, seed=5, log_dir="none")
 MODEL_ONLY = "its artifact is a whole model, used as --model: a prompt gives it no weight"
+# Settings that make a method train another kind of file, checked as cases of their own: id -> (method,
+# settings, layouts its files cannot be written in). LoKr at factor 4 and rank 4 splits some layers' factors and
+# leaves others full (scale 1 whatever alpha says), and alpha 2 makes the difference show.
+VARIANTS = {
+    "lora-loha": ("lora", {"algo": "loha", "alpha": 2.0, "targets": "attn,conv"}, {"diffusers"}),
+    "lora-lokr": ("lora", {"algo": "lokr", "alpha": 2.0, "lokr_factor": 4, "targets": "attn,conv"}, {"diffusers"}),
+}
 
 
 def _applied_by(cls) -> str:
@@ -33,10 +40,12 @@ def _applied_by(cls) -> str:
 
 
 def _methods(skip_models: str = "") -> list:
-    """Every registered method as a parameter; those whose artifact is a whole model skip, saying why."""
-    return [pytest.param(name, id=name, marks=[pytest.mark.skip(reason=f"{name}: {skip_models}")]
-                         if skip_models and _applied_by(cls) == "model" else [])
-            for name, cls in methods.registry().items()]
+    """Every registered method (default settings) and variant as a parameter; those whose artifact is a whole
+    model skip, saying why."""
+    cases = {name: (name, {}, set()) for name in methods.registry()} | VARIANTS
+    return [pytest.param(case, id=key, marks=[pytest.mark.skip(reason=f"{key}: {skip_models}")]
+                         if skip_models and _applied_by(methods.get(case[0])) == "model" else [])
+            for key, case in cases.items()]
 
 
 @dataclass
@@ -58,9 +67,9 @@ def _image(model, prompt: str, folder: Path | None = None) -> np.ndarray:
     return np.asarray(generate(model, prompt, options)[0])
 
 
-def _train(cls, model, out: Path, **options):
-    """`cls` with its default settings, trained on a toy subject (its own spelling of the word sks)."""
-    method = cls()
+def _train(cls, model, out: Path, settings: dict | None = None, **options):
+    """`cls` with `settings` (default: its defaults), trained on a toy subject (its own spelling of the word sks)."""
+    method = cls(cls.config_class(**settings) if settings else None)
     data = DataConfig(images=str(make_subject_images(out.parent / "subject")), class_word="dog",
                       token=cls.token_template.format(token="sks"))
     train(model, method, TrainConfig(**{**COMMON, "steps": 2, **options}), data, out, NAME, progress=False)
@@ -82,13 +91,23 @@ def _artifacts(folder: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def trained(request, tmp_path_factory) -> Trained:
-    """The method (indirect parameter) trained once per module, then saved in every layout it writes."""
-    cls = methods.get(request.param)
+    """The method with its settings (indirect parameter) trained once per module, then saved in every layout it
+    writes; a layout its settings cannot be written in is refused in one line, before and at saving."""
+    name, settings, refused = request.param
+    cls = methods.get(name)
     root, model = tmp_path_factory.mktemp(cls.name), load("tiny:sd1")
-    method = _train(cls, model, root / "run")
+    method = _train(cls, model, root / "run", settings)
     card = load_artifact(_artifacts(root / "run")[0])[1]
     result = Trained(cls, cls.token_template.format(token="sks"), model)
     for layout in (lay for lay in cls.layouts if lay.written):
+        if layout.name in refused:
+            for attempt in (lambda: method.output_files(NAME, layout.name),
+                            lambda: method.save(model, root / layout.name, NAME, card, layout.name)):
+                with pytest.raises(SdtuneError) as refusal:
+                    attempt()
+                assert len(str(refusal.value).splitlines()) == 1 and layout.name in str(refusal.value)
+            assert not (root / layout.name).exists()
+            continue
         result.files[layout.name] = method.save(model, root / layout.name, NAME, card, layout.name)
     return result
 
@@ -138,11 +157,12 @@ def test_weight_zero_is_the_base_image(trained):
         assert np.array_equal(zero, base), name
 
 
-@pytest.mark.parametrize("method", _methods())
-def test_resume_is_bit_exact(method, tmp_path):
-    cls = methods.get(method)
-    _train(cls, load("tiny:sd1"), tmp_path / "full", steps=3, checkpoint_every=1)
-    _train(cls, load("tiny:sd1"), tmp_path / "resumed", steps=3,
+@pytest.mark.parametrize("case", _methods())
+def test_resume_is_bit_exact(case, tmp_path):
+    name, settings, _ = case
+    cls = methods.get(name)
+    _train(cls, load("tiny:sd1"), tmp_path / "full", settings, steps=3, checkpoint_every=1)
+    _train(cls, load("tiny:sd1"), tmp_path / "resumed", settings, steps=3,
            resume=str(tmp_path / "full" / "checkpoints" / "step-000001"))
     assert _artifacts(tmp_path / "full"), "the run wrote no file under its name"
     for path in _artifacts(tmp_path / "full"):

@@ -129,7 +129,9 @@ def test_compare_run_logs_hold_losses_and_the_display_is_lines(tmp_path, subject
     config = tmp_path / "tiny.yaml"
     config.write_text("eval: {sample_steps: 2, images_per_prompt: 1, curve_images_per_prompt: 1, curve_points: 1,\n"
                       "       prompts: ['a photo of {token} {class_word}']}\n"
-                      "rows: {lora: {train: {steps: 3, batch_size: 1}}}\n")
+                      "rows: {lora: {train: {steps: 3, batch_size: 1}}, loha: {train: {steps: 3, batch_size: 1}},\n"
+                      "       lokr: {train: {steps: 3, batch_size: 1}, lora: {rank: 4}},\n"
+                      "       lora-dora: {train: {steps: 3, batch_size: 1}}}\n")  # --methods lora: its every row
     out = tmp_path / "report"
     argv = ["compare", "--model", "tiny:sd1", "--images", str(subject_dir), "--class-word", "toy", "--methods", "lora",
             "--config", str(config), "--output", str(out)]
