@@ -156,6 +156,17 @@ def test_builtin_recipe_has_the_four_methods_and_prior_on_and_off():
         == "dreambooth-no-prior"
 
 
+def test_the_default_comparison_leaves_out_the_rows_only_asked_for():
+    """`sdtune compare` without --methods (make demo) runs the four methods' six rows; LoHa, LoKr and DoRA run
+    with --methods all or by name, so the default run keeps its time on a laptop CPU."""
+    prompts = (("a {token} circle",), ("a circle",))
+    default = [row.name for row in load_plan("builtin", "sks", "circle", CompareOptions("x").methods, None, prompts).rows]
+    assert default == ["base", "lora", "textual-inversion", "dreambooth", "dreambooth-no-prior", "hypernetwork"]
+    every = [row.name for row in load_plan("builtin", "sks", "circle", "all", None, prompts).rows]
+    assert set(every) - set(default) == {"loha", "lokr", "lora-dora"}
+    assert [row.name for row in load_plan("builtin", "sks", "circle", "lokr", None, prompts).rows] == ["base", "lokr"]
+
+
 def test_bad_requests_are_one_line_errors(capsys, tmp_path, subject_dir):
     out = str(tmp_path / "out")
     assert "--class-word" in _error(capsys, ["compare", "--images", str(subject_dir), "--output", out])

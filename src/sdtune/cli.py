@@ -156,8 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--images", default="", help="folder of subject images (default: the builtin subject)")
     cmp.add_argument("--token", default="", help="the subject's identifier (default: sks)")
     cmp.add_argument("--class-word", default="", help="the subject's class, e.g. dog (needed with --images)")
-    rows = [row.name for cls in registered.values() for row in methods.rows_of(cls)]
-    cmp.add_argument("--methods", default="all", help=f"all, or a comma list of rows or methods ({', '.join(rows)})")
+    rows = [row for cls in registered.values() for row in methods.rows_of(cls)]
+    extra = [row.name for row in rows if not row.in_default]
+    cmp.add_argument("--methods", default="default", help=f"default (every row but {', '.join(extra) or 'none'}), all, "
+                     f"or a comma list of rows or methods ({', '.join(row.name for row in rows)})")
     cmp.add_argument("--seeds", type=int, default=1, help="seeds per row: quality pooled over them, costs averaged")
     cmp.add_argument("--config", help="YAML/TOML file deep-merged over the recommended settings: eval and data "
                      "(as in sdtune/compare/recipes.yaml) and rows (ROW: {method, train, data, METHOD, token})")

@@ -21,6 +21,7 @@ RECIPES = Path(__file__).with_name("recipes.yaml")
 # and captions); the others describe the comparison.
 DATA_DEFAULT_KEYS = ("use_captions", "num_class_images", "class_image_steps")
 BASE_ROW = "base"
+DEFAULT_ROWS = "default"  # --methods value: the rows methods declare in_default (what `sdtune compare` runs)
 EVAL_KEYS = ("sample_steps", "guidance", "images_per_prompt", "curve_images_per_prompt", "curve_points",
              "prompts", "class_prompts")
 
@@ -79,7 +80,7 @@ def profile_for(model: str, images: str) -> str:
     return "builtin" if model == "builtin" and not images else "real"
 
 
-def load_plan(profile: str, token: str, class_word: str, methods: str = "all", config: str | None = None,
+def load_plan(profile: str, token: str, class_word: str, methods: str = DEFAULT_ROWS, config: str | None = None,
               default_prompts: tuple[tuple[str, ...], tuple[str, ...]] | None = None) -> Plan:
     """Resolve the profile (plus --config) into validated rows; `default_prompts` are (subject, class)
     prompt templates used when the profile names none (the toy world's evaluation prompts)."""
@@ -175,17 +176,22 @@ def without_token(template: str) -> str:
 
 
 def _selected(rows: dict, methods: str) -> dict:
-    """Rows named by --methods: 'all', or a comma list of row names and/or method names."""
-    from ..methods import registry
+    """Rows named by --methods: 'default' (the rows declared in_default), 'all', or a comma list of row names
+    and/or method names."""
+    from ..methods import registry, rows_of
 
     if methods.strip() == "all":
         return rows
+    if methods.strip() == DEFAULT_ROWS:
+        chosen = {row.name for cls in registry().values() for row in rows_of(cls) if row.in_default}
+        return {n: s for n, s in rows.items() if n in chosen}
     picked: dict = {}
     for item in (m.strip() for m in methods.split(",") if m.strip()):
         matches = {n: s for n, s in rows.items() if n == item or (isinstance(s, dict) and s.get("method") == item)}
         if not matches:
             known = sorted(set(rows) | set(registry()))
-            raise SdtuneError(f"--methods names '{item}', which is no row or method; choose from all, {', '.join(known)}.")
+            raise SdtuneError(f"--methods names '{item}', which is no row or method; choose from {DEFAULT_ROWS}, all, "
+                              f"{', '.join(known)}.")
         picked.update(matches)
     return {n: s for n, s in rows.items() if n in picked}
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..errors import SdtuneError
 from .progress import Board, job_work
+from .recipes import DEFAULT_ROWS
 from .recipes import Plan, load_plan, profile_for, without_token
 from .worker import EVENT
 
@@ -31,7 +32,7 @@ class CompareOptions:
     images: str = ""
     token: str = ""
     class_word: str = ""
-    methods: str = "all"
+    methods: str = DEFAULT_ROWS
     seeds: int = 1
     config: str | None = None
     clip_model: str | None = None

@@ -38,6 +38,9 @@ class CompareRow:
     name: str
     colour: str = ""
     recipes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # False: run only when asked for (`--methods all` or by name), keeping the default comparison (`sdtune
+    # compare` with no --methods, `make demo`) within its time on a laptop CPU
+    in_default: bool = True
 
 
 class Method(abc.ABC):

@@ -111,17 +111,17 @@ class LoRA(Method):
             "builtin": {"train": {"steps": 400, "lr": 1.0e-2, "batch_size": 4},
                         "lora": {"algo": "loha", "rank": 8, "targets": "attn,conv"}},
             "real": {"train": {"steps": 800, "lr": 1.0e-4, "batch_size": 1},
-                     "lora": {"algo": "loha", "rank": 8, "alpha": 4.0, "targets": "attn,ff"}}}),
+                     "lora": {"algo": "loha", "rank": 8, "alpha": 4.0, "targets": "attn,ff"}}}, in_default=False),
         CompareRow("lokr", "#e7ba52", {
             "builtin": {"train": {"steps": 400, "lr": 1.0e-2, "batch_size": 4},
                         "lora": {"algo": "lokr", "rank": 16, "lokr_factor": 4, "targets": "attn,conv"}},
             # rank 4096: "full dimension" (no factor split) on every SD1.5 layer at factor 8
             "real": {"train": {"steps": 800, "lr": 1.0e-4, "batch_size": 1},
-                     "lora": {"algo": "lokr", "rank": 4096, "lokr_factor": 8, "targets": "attn,ff"}}}),
+                     "lora": {"algo": "lokr", "rank": 4096, "lokr_factor": 8, "targets": "attn,ff"}}}, in_default=False),
         CompareRow("lora-dora", "#ffbb78", {
             "builtin": {"train": {"steps": 400, "lr": 5.0e-3, "batch_size": 4},
                         "lora": {"rank": 8, "targets": "attn,conv", "dora": True}},
-            "real": {"train": {"steps": 800, "lr": 1.0e-4, "batch_size": 1}, "lora": {"rank": 4, "dora": True}}}),
+            "real": {"train": {"steps": 800, "lr": 1.0e-4, "batch_size": 1}, "lora": {"rank": 4, "dora": True}}}, in_default=False),
     )
 
     def __init__(self, cfg: LoRAConfig | None = None):

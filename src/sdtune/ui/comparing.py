@@ -61,7 +61,7 @@ class CompareRunner:
         self._cancelled = False
         self._lock = threading.Lock()
 
-    def start(self, out_dir: Path, methods: str = "all") -> Path:
+    def start(self, out_dir: Path, methods: str = "default") -> Path:
         with self._lock:
             if self._process is not None and self._process.poll() is None:
                 raise SdtuneError(f"A comparison is already running into {self._output}; wait for it or cancel it.")

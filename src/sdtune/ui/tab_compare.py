@@ -30,7 +30,7 @@ def build(state: UIState) -> None:
             with gr.Row():
                 name = gr.Textbox("comparison", label="New comparison folder (under the workspace)",
                                   elem_id="cmp-name", scale=3)
-                methods = gr.Textbox("all", label="Methods (all, or a comma list)", elem_id="cmp-methods",
+                methods = gr.Textbox("default", label="Methods (default, all, or a comma list)", elem_id="cmp-methods",
                                      scale=2)
                 with gr.Column(scale=1, min_width=140):
                     run = gr.Button("Run comparison", variant="primary", elem_id="cmp-run")
@@ -44,7 +44,7 @@ def build(state: UIState) -> None:
 
     tab.select(lambda: gr.Dropdown(choices=report_folders(state.workspace.comparisons)), outputs=folder)
     open_button.click(lambda path: open_report(state, path or ""), inputs=folder, outputs=[report, results, message])
-    run.click(lambda text, chosen: _run(state, text or "", chosen or "all"), inputs=[name, methods],
+    run.click(lambda text, chosen: _run(state, text or "", chosen or "default"), inputs=[name, methods],
               outputs=message)
     cancel.click(lambda: notice(state.comparer.cancel()), outputs=message)
     timer.tick(lambda last: _poll(state, last), inputs=seen, outputs=[log, message, report, results, seen])
