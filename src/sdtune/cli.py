@@ -170,8 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "report.html (default: out/compare)")
     cmp.set_defaults(handler=cmd_compare)
 
-    subj = sub.add_parser("subject", help="write the builtin subject's images with captions, to train on")
+    from .toyworld.catalogue import DEFAULT_SUBJECT, SUBJECTS
+
+    subj = sub.add_parser("subject", help="write a builtin subject's images with captions, to train on")
     subj.add_argument("folder", help="folder to write into (created; may not hold other files)")
+    subj.add_argument("--subject", default=DEFAULT_SUBJECT, metavar="NAME",
+                      help=f"which builtin subject (default: {DEFAULT_SUBJECT}): "
+                      + "; ".join(f"{s.name}, {s.kind}: {s.description}" for s in SUBJECTS.values()))
     subj.set_defaults(handler=cmd_subject)
 
     ui = sub.add_parser("ui", help="local web UI to train, generate, compare and convert (needs sdtune[ui])")
@@ -349,13 +354,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_subject(args: argparse.Namespace) -> int:
     from .methods import first
-    from .toyworld.subject import CLASS_WORD, INSTANCE_PROMPT, write_subject_folder
+    from .toyworld.catalogue import get_subject
 
+    subject = get_subject(args.subject)
     folder = Path(args.folder)
-    paths = write_subject_folder(folder)
+    paths = subject.write_folder(folder)
     method = first()
-    print(f"Wrote {len(paths)} images of the builtin subject ('{INSTANCE_PROMPT}') with captions to {folder}; "
-          f"train on them with: sdtune train {method} --images {folder} --class-word {CLASS_WORD} --output out/")
+    print(f"Wrote {len(paths)} images of the builtin subject {subject.name} ('{subject.instance_prompt}') with "
+          f"captions to {folder}; train on them with: sdtune train {method} --images {folder} --class-word "
+          f"{subject.class_word} --output out/")
     return 0
 
 
