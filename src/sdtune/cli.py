@@ -151,9 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="one JSON line instead of a table")
     bench.set_defaults(handler=cmd_bench)
 
-    cmp = sub.add_parser("compare", help="train every method on one subject and report them side by side")
+    from .toyworld.catalogue import DEFAULT_SUBJECT, SUBJECTS
+
+    cmp = sub.add_parser("compare", help="train every method on builtin subjects or your own and report them side "
+                         "by side")
     _add_model_args(cmp)
-    cmp.add_argument("--images", default="", help="folder of subject images (default: the builtin subject)")
+    cmp.add_argument("--images", default="", help="folder of subject images (default: the builtin subjects)")
+    cmp.add_argument("--subjects", default="", metavar="NAME[,NAME...]|all",
+                     help=f"builtin subjects to compare on, each with the same recipes (default: {DEFAULT_SUBJECT}; "
+                     f"all: {', '.join(SUBJECTS)})")
     cmp.add_argument("--token", default="", help="the subject's identifier (default: sks)")
     cmp.add_argument("--class-word", default="", help="the subject's class, e.g. dog (needed with --images)")
     rows = [row.name for cls in registered.values() for row in methods.rows_of(cls)]
@@ -169,8 +175,6 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--output", default="out/compare", help="folder for the runs, results.json, report.md and "
                      "report.html (default: out/compare)")
     cmp.set_defaults(handler=cmd_compare)
-
-    from .toyworld.catalogue import DEFAULT_SUBJECT, SUBJECTS
 
     subj = sub.add_parser("subject", help="write a builtin subject's images with captions, to train on")
     subj.add_argument("folder", help="folder to write into (created; may not hold other files)")
@@ -347,7 +351,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     options = CompareOptions(str(_writable_folder(args.output)), args.model, args.model_config, args.images,
                              args.token, args.class_word, args.methods, args.seeds, args.config, args.clip_model,
-                             args.dino_model, args.fresh, not args.quiet)
+                             args.dino_model, args.fresh, not args.quiet, args.subjects)
     print(run_compare(options))
     return 0
 

@@ -19,7 +19,8 @@ import torch
 
 from sdtune.toyworld.evaluate import MIN_AREA, as_float_batch, background_and_coverage, match_shapes, \
     shape_geometry
-from sdtune.toyworld.world import COLOURS, PATTERNS, RING_RADIUS_SQUARED, SHAPES, SIZES, STRIPE_HEIGHT, STRIPE_TOP, Scene
+from sdtune.toyworld.world import COLOURS, PATTERNS, RING_RADIUS_SQUARED, SHAPES, SIZES, STRIPE_HEIGHT, STRIPE_TOP, \
+    Scene
 
 THRESHOLD = 0.5  # a score at or above it counts as showing the look
 WRONG_SHAPE = 0.6  # factor for a wrong shape: the look's colours on another object are half-way there

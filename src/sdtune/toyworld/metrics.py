@@ -41,6 +41,18 @@ class Estimate:
         return f"{self.value:.3f} [{self.low:.3f}, {self.high:.3f}] (n={self.n})"
 
 
+def stratified_mean(groups: Sequence[Sequence[float]], seed: int = 0) -> Estimate:
+    """Mean of the groups' means (each group, such as a subject, weighs the same however many images it has),
+    with a bootstrap that resamples within each group; one group gives exactly bootstrap_mean."""
+    arrays = [np.asarray(g, dtype=np.float64) for g in groups if len(g)]
+    if len(arrays) <= 1:
+        return bootstrap_mean(arrays[0] if arrays else [], seed)
+    rng = np.random.default_rng(seed)
+    means = np.mean([a[rng.integers(0, len(a), (N_BOOT, len(a)))].mean(axis=1) for a in arrays], axis=0)
+    lo, hi = np.quantile(means, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
+    return Estimate(float(np.mean([a.mean() for a in arrays])), float(lo), float(hi), sum(len(a) for a in arrays))
+
+
 def bootstrap_mean(scores: Sequence[float], seed: int = 0) -> Estimate:
     """Mean of per-image scores with a percentile bootstrap interval (seeded, so reports are repeatable)."""
     s = np.asarray(scores, dtype=np.float64)
@@ -88,6 +100,11 @@ def prompt_fidelity(images, prompts: Sequence[str], subject: Subject | None = No
 def prior_preservation(images, prompts: Sequence[str], subject: Subject | None = None) -> Estimate:
     """Share of class-word images showing a plain object of the prompted class (not the subject) in the
     prompted object and background colours, and size where the prompt names one."""
+    return bootstrap_mean(prior_scores(images, prompts, subject))
+
+
+def prior_scores(images, prompts: Sequence[str], subject: Subject | None = None) -> list[float]:
+    """Per class-word image, 1 where it shows what prior_preservation asks for, else 0."""
     readings, subject_readings = read_images(images), _or_default(subject).read(images)
     ok = []
     for reading, subj, prompt in zip(readings, subject_readings, prompts, strict=True):
@@ -96,14 +113,15 @@ def prior_preservation(images, prompts: Sequence[str], subject: Subject | None =
         for key in ("colour", "background", "size"):
             good &= asked[key] is None or reading.as_dict()[key] == asked[key]
         ok.append(float(good))
-    return bootstrap_mean(ok)
+    return ok
 
 
-def by_prompt_type(images, prompts: Sequence[str], subject: Subject) -> dict[str, dict[str, Estimate]]:
-    """Per prompt type present among `prompts` (each one of the subject's evaluation prompts): subject and
-    prompt fidelity for the identifier's types, prior preservation for the class prompts."""
+def by_prompt_type(images, prompts: Sequence[str], subject: Subject,
+                   types: Sequence[str] | None = None) -> dict[str, dict[str, Estimate]]:
+    """Per prompt type present among `prompts`: subject and prompt fidelity for the identifier's types, prior
+    preservation for the class prompts. Each prompt's type is the subject's (or given in `types`)."""
     x = as_float_batch(images)
-    kinds = [subject.type_of(p) for p in prompts]
+    kinds = list(types) if types is not None else [subject.type_of(p) for p in prompts]
     out: dict[str, dict[str, Estimate]] = {}
     for kind in dict.fromkeys(kinds):
         pick = np.flatnonzero(np.array(kinds) == kind)
