@@ -16,11 +16,16 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import SdtuneError
 from .progress import Board, job_work
 from .recipes import Plan, load_plan, profile_for, without_token
 from .worker import EVENT
+
+if TYPE_CHECKING:
+    from ..toyworld.subjects import Subject
+    from .judge import RealJudge, Samples, ToyJudge
 
 # The builtin subjects' evaluation prompts, by type, in sampling order: two new factors first, so the prompts
 # the comparison always had keep their index and with it their noise (and their numbers).
@@ -53,12 +58,12 @@ class Part:
     """One subject of a comparison: its builtin entry (None for one's own images), plan, image folder, where
     its runs go (relative to OUTPUT) and, once the runs are done, its judge and ceiling images."""
 
-    subject: object
+    subject: Subject | None
     plan: Plan
     images: Path
     root: str
-    judge: object = None
-    ceiling: list | None = None
+    judge: ToyJudge | RealJudge | None = None
+    ceiling: list[Samples] | None = None
 
     @property
     def name(self) -> str:
@@ -92,7 +97,7 @@ def run_compare(opts: CompareOptions) -> Path:
     return write_report(out, results)
 
 
-def _subjects(opts: CompareOptions, profile: str) -> list:
+def _subjects(opts: CompareOptions, profile: str) -> list[Subject | None]:
     """The builtin subjects --subjects names (default: the first), or [None] for one's own images."""
     from ..toyworld.catalogue import DEFAULT_SUBJECT, select_subjects
 
@@ -103,7 +108,7 @@ def _subjects(opts: CompareOptions, profile: str) -> list:
     return [None]
 
 
-def _part(opts: CompareOptions, profile: str, subject, out: Path) -> Part:
+def _part(opts: CompareOptions, profile: str, subject: Subject | None, out: Path) -> Part:
     """A subject's validated plan and image folder (a builtin subject's captioned images are written to
     OUTPUT/subjects/NAME/subject)."""
     token, class_word, prompts = _subject_words(opts, profile, subject)
