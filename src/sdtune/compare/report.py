@@ -84,27 +84,28 @@ def build_blocks(results: dict, out: Path) -> list[Block]:
 
 def _summary(results: dict) -> str:
     opts, subject = results["options"], results["subject"]
-    where = _subjects_text(results) if results["profile"] == "builtin" else f"the images in `{opts['images']}`"
+    words = f"token `{subject['token']}`, class word `{subject['class_word']}`"
+    where = _subjects_text(results, words) if results["profile"] == "builtin" else \
+        f"the images in `{opts['images']}` ({words})"
     seeds, threads = results["seeds"], results["machine"]["torch_threads"]
-    words = f" (token `{subject['token']}`, class word `{subject['class_word']}`)" \
-        if len(subject_parts(results)) == 1 else ""
-    return (f"Model `{opts['model']}`, {where}{words}; "
+    return (f"Model `{opts['model']}`, {where}; "
             f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))}); the whole comparison "
             f"took {results['wall_time_s']:.0f} s{_reused(results)} on {results['machine']['cpu']} "
             f"({threads} thread{'s' if threads != 1 else ''}, accelerator: {results['machine']['accelerator']}); "
             f"{results['created']}.")
 
 
-def _subjects_text(results: dict) -> str:
-    """Which builtin subjects ran, and how many there are."""
+def _subjects_text(results: dict, words: str) -> str:
+    """Which builtin subjects ran, and how many there are (`words`: the token and class word of one)."""
     from ..toyworld.catalogue import SUBJECTS
 
     parts = [p for p in subject_parts(results) if p["name"]]
     if not parts:
-        return "the builtin toy-world subject"
+        return f"the builtin toy-world subject ({words})"
     names = ", ".join(f"{p['name']} ({p['kind']})" for p in parts)
     if len(parts) == 1:
-        return f"the builtin subject {names}, one of {len(SUBJECTS)} (`--subjects all` runs every one)"
+        return (f"the builtin subject {parts[0]['name']} ({parts[0]['kind']}; {words}; one of {len(SUBJECTS)}: "
+                "`--subjects all` runs every one)")
     tokens = " or ".join(sorted({f"`{p['token']}`" for p in parts}))
     return (f"{len(parts)} builtin subjects, {names}, every row trained on each with the same recipe (the first "
             f"table pools them, each subject weighing the same; token {tokens})")
