@@ -134,7 +134,7 @@ def test_same_seed_gives_the_same_images_and_numbers(tmp_path):
         images.append(data["subject"])
         scores.append(judge.score([Samples(0, data["subject"], data["subject_prompt"], data["class_images"],
                                            data["class_prompt"])]))
-    assert np.array_equal(images[0], images[1]) and images[0].shape == (12, 32, 32, 3)
+    assert np.array_equal(images[0], images[1]) and images[0].shape == (2 * len(plan.evaluation.prompts), 32, 32, 3)
     assert scores[0] == scores[1]
 
 

@@ -25,8 +25,8 @@ def est(value: float, half: float = 0.04) -> dict:
 
 
 def quality(subject: float, prompt: float, prior: float, diversity: float = 0.1) -> dict:
-    return {"subject_fidelity": est(subject), "prompt_fidelity": est(prompt), "prior_preservation": est(prior),
-            "diversity": est(diversity, 0.01)}
+    return {"subject_fidelity": est(subject), "subject_fidelity_hard": est(subject / 2), "prompt_fidelity": est(prompt),
+            "prior_preservation": est(prior), "diversity": est(diversity, 0.01)}
 
 
 def spread(value: float, vary: float = 0.1) -> dict:
@@ -92,7 +92,8 @@ def test_markdown_table_has_every_method_and_column(report_dir):
     table = markdown_table((report_dir / "report.md").read_text())
     header, rows = table[0], table[2:]
     assert header == ["Method", "Steps", "Train time", "Peak memory", "Trainable params", "Artifact",
-                      "Subject fidelity ↑", "Prompt fidelity ↑", "Prior preservation ↑", "Diversity ↑"]
+                      "Subject fidelity ↑", "Subject fidelity, two new factors ↑", "Prompt fidelity ↑",
+                      "Prior preservation ↑", "Diversity ↑"]
     assert [r[0] for r in rows] == ["base (untouched)", *METHOD_ROWS]
     assert all(len(r) == len(header) for r in rows)
     lora = rows[4]
@@ -133,7 +134,7 @@ def test_html_report_shows_every_picture_in_chromium(report_dir, tmp_path_factor
     figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (report_dir / "report.md").read_text())
     html = html_path.read_text()
     sources = re.findall(r'<img[^>]* src="([^"]+)"', html)
-    assert len(sources) == len(figures) == 4 + 4 + 4 + 2  # quality bars, cost bars, curves, two image grids
+    assert len(sources) == len(figures) == 5 + 4 + 5 + 2  # quality bars, cost bars, curves, two image grids
     assert all(src.startswith("data:image/png;base64,") for src in sources)  # self-contained
     with chromium(tmp_path_factory.mktemp("chromium-profile")) as browser:
         browser.get(html_path.as_uri())

@@ -151,9 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="one JSON line instead of a table")
     bench.set_defaults(handler=cmd_bench)
 
-    cmp = sub.add_parser("compare", help="train every method on one subject and report them side by side")
+    from .toyworld.catalogue import DEFAULT_SUBJECT, SUBJECTS
+
+    cmp = sub.add_parser("compare", help="train every method on builtin subjects or your own and report them side "
+                         "by side")
     _add_model_args(cmp)
-    cmp.add_argument("--images", default="", help="folder of subject images (default: the builtin subject)")
+    cmp.add_argument("--images", default="", help="folder of subject images (default: the builtin subjects)")
+    cmp.add_argument("--subjects", default="", metavar="NAME[,NAME...]|all",
+                     help=f"builtin subjects to compare on, each with the same recipes (default: {DEFAULT_SUBJECT}; "
+                     f"all: {', '.join(SUBJECTS)})")
     cmp.add_argument("--token", default="", help="the subject's identifier (default: sks)")
     cmp.add_argument("--class-word", default="", help="the subject's class, e.g. dog (needed with --images)")
     rows = [row for cls in registered.values() for row in methods.rows_of(cls)]
@@ -172,8 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "report.html (default: out/compare)")
     cmp.set_defaults(handler=cmd_compare)
 
-    subj = sub.add_parser("subject", help="write the builtin subject's images with captions, to train on")
+    subj = sub.add_parser("subject", help="write a builtin subject's images with captions, to train on")
     subj.add_argument("folder", help="folder to write into (created; may not hold other files)")
+    subj.add_argument("--subject", default=DEFAULT_SUBJECT, metavar="NAME",
+                      help=f"which builtin subject (default: {DEFAULT_SUBJECT}): "
+                      + "; ".join(f"{s.name}, {s.kind}: {s.description}" for s in SUBJECTS.values()))
     subj.set_defaults(handler=cmd_subject)
 
     ui = sub.add_parser("ui", help="local web UI to train, generate, compare and convert (needs sdtune[ui])")
@@ -344,20 +353,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     options = CompareOptions(str(_writable_folder(args.output)), args.model, args.model_config, args.images,
                              args.token, args.class_word, args.methods, args.seeds, args.config, args.clip_model,
-                             args.dino_model, args.fresh, not args.quiet)
+                             args.dino_model, args.fresh, not args.quiet, args.subjects)
     print(run_compare(options))
     return 0
 
 
 def cmd_subject(args: argparse.Namespace) -> int:
     from .methods import first
-    from .toyworld.subject import CLASS_WORD, INSTANCE_PROMPT, write_subject_folder
+    from .toyworld.catalogue import get_subject
 
+    subject = get_subject(args.subject)
     folder = Path(args.folder)
-    paths = write_subject_folder(folder)
+    paths = subject.write_folder(folder)
     method = first()
-    print(f"Wrote {len(paths)} images of the builtin subject ('{INSTANCE_PROMPT}') with captions to {folder}; "
-          f"train on them with: sdtune train {method} --images {folder} --class-word {CLASS_WORD} --output out/")
+    print(f"Wrote {len(paths)} images of the builtin subject {subject.name} ('{subject.instance_prompt}') with "
+          f"captions to {folder}; train on them with: sdtune train {method} --images {folder} --class-word "
+          f"{subject.class_word} --output out/")
     return 0
 
 

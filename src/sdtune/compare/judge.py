@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from ..errors import SdtuneError
 from ..toyworld.metrics import Estimate
@@ -21,13 +22,16 @@ class Metric:
 
 
 TOY_METRICS = (
-    Metric("subject_fidelity", "Subject fidelity", "toy-world subject score of the subject prompts' images "
-           "(0..1; the analogue of DINO / CLIP-I)"),
-    Metric("prompt_fidelity", "Prompt fidelity", "share of the background, position and size each subject "
-           "prompt asks for that its image shows (the analogue of CLIP-T)"),
+    Metric("subject_fidelity", "Subject fidelity", "toy-world subject score (0..1; the analogue of DINO / CLIP-I) "
+           "of the images of prompts that change one thing the subject's images never show (a new background, "
+           "position or size), as DreamBench's recontextualisation prompts do"),
+    Metric("subject_fidelity_hard", "Subject fidelity, two new factors", "the same score with a new background "
+           "and a new position at once"),
+    Metric("prompt_fidelity", "Prompt fidelity", "share of the background, position and size each one-new-factor "
+           "prompt asks for that its image shows (and the class, for a style; the analogue of CLIP-T)"),
     Metric("prior_preservation", "Prior preservation", "share of class-word images showing a plain class object "
-           "in the prompted colours, not the subject (PRES turned so higher is better)"),
-    Metric("diversity", "Diversity", "mean pixel distance between images of the same prompt (DIV)"),
+           "as prompted, not the subject (PRES turned so higher is better)"),
+    Metric("diversity", "Diversity", "mean pixel distance between images of the same one-new-factor prompt (DIV)"),
 )
 REAL_METRICS = (
     Metric("dino", "DINO", "mean DINO cosine similarity of generated to real subject images"),
@@ -60,26 +64,101 @@ def _pooled(samples: list[Samples]) -> tuple[np.ndarray, np.ndarray, list[str], 
     return subject, prompts, groups, class_images, class_prompts
 
 
+@dataclass
+class Evidence:
+    """One subject's images at one evaluation point as per-image scores of each metric, plus the images and
+    same-prompt groups diversity is measured on and the subject scores per prompt type: what pooling over
+    several subjects needs."""
+
+    scores: dict[str, np.ndarray]
+    images: np.ndarray
+    groups: list[str]
+    by_type: dict[str, np.ndarray]
+
+
+def pooled_by_type(evidence: list[Evidence]) -> dict[str, dict[str, Estimate]]:
+    """Subject fidelity per prompt type pooled over subjects (each subject that has the type weighs the same)."""
+    from ..toyworld import metrics
+
+    kinds = dict.fromkeys(kind for e in evidence for kind in e.by_type)
+    return {kind: {"subject_fidelity": metrics.stratified_mean([e.by_type[k] for e in evidence for k in e.by_type
+                                                                if k == kind])} for kind in kinds}
+
+
+def estimates(evidence: list[Evidence]) -> dict[str, Estimate | None]:
+    """The toy metrics of one subject's evidence, or pooled over several (each subject weighs the same)."""
+    from ..toyworld import metrics
+
+    out: dict[str, Estimate | None] = {
+        key: metrics.stratified_mean([e.scores[key] for e in evidence]) if any(len(e.scores[key]) for e in evidence)
+        else None for key in evidence[0].scores}
+    images = np.concatenate([e.images for e in evidence])
+    groups = [f"{k}|{g}" for k, e in enumerate(evidence) for g in e.groups]
+    out["diversity"] = metrics.diversity(images, groups) if len(images) else None
+    return out
+
+
 class ToyJudge:
-    """The toy world's evaluators; prompts are the canonical ones (the subject's own token), whatever word
-    a row was trained under."""
+    """The toy world's evaluators for one builtin subject; prompts are the canonical ones (the subject's own
+    token), whatever word a row was trained under. Each prompt has the subject's prompt type ("custom" for
+    one it does not list); the headline metrics read the one-new-factor prompts (all, when there are none)."""
 
     metrics = TOY_METRICS
 
-    def __init__(self, prompts: list[str], class_prompts: list[str]):
-        self.prompts, self.class_prompts = prompts, class_prompts
-        self.missing: dict[str, str] = {}
+    def __init__(self, subject, prompts: list[str], class_prompts: list[str]):
+        from ..toyworld.subjects import HARD_TYPE, HEADLINE_TYPE
 
-    def score(self, samples: list[Samples]) -> dict[str, Estimate]:
+        self.subject, self.prompts, self.class_prompts = subject, prompts, class_prompts
+        known = {p: kind for kind, listed in subject.prompts.items() for p in listed}
+        self.types = [known.get(p, "custom") for p in prompts]
+        self.headline = HEADLINE_TYPE if HEADLINE_TYPE in self.types else None
+        self.hard = HARD_TYPE
+        self.missing: dict[str, str] = {}
+        if HARD_TYPE not in self.types:
+            self.missing["subject_fidelity_hard"] = "no evaluation prompt changes two things at once"
+
+    def evidence(self, samples: list[Samples]) -> Evidence:
         from ..toyworld import metrics
 
         subject, prompts, groups, class_images, class_prompts = _pooled(samples)
-        return {
-            "subject_fidelity": metrics.subject_fidelity(subject),
-            "prompt_fidelity": metrics.prompt_fidelity(subject, [self.prompts[i] for i in prompts]),
-            "prior_preservation": metrics.prior_preservation(class_images, [self.class_prompts[i] for i in class_prompts]),
-            "diversity": metrics.diversity(subject, groups),
-        }
+        kinds = np.array([self.types[i] for i in prompts])
+        head = np.ones(len(kinds), bool) if self.headline is None else kinds == self.headline
+        asked = [self.prompts[i] for i in prompts[head]]
+        scores = np.array([r.score for r in self.subject.read(subject)]) if len(subject) else np.zeros(0)
+        prior = (metrics.prior_scores(class_images, [self.class_prompts[i] for i in class_prompts], self.subject)
+                 if len(class_images) else [])
+        return Evidence({"subject_fidelity": scores[head], "subject_fidelity_hard": scores[kinds == self.hard],
+                         "prompt_fidelity": np.array(metrics.prompt_scores(subject[head], asked, self.subject)
+                                                     if head.any() else []),
+                         "prior_preservation": np.array(prior)},
+                        subject[head], [g for g, h in zip(groups, head) if h],
+                        {kind: scores[kinds == kind] for kind in dict.fromkeys(kinds)})
+
+    def score(self, samples: list[Samples]) -> dict[str, Estimate | None]:
+        return estimates([self.evidence(samples)])
+
+    def by_type(self, samples: list[Samples]) -> dict[str, dict[str, Estimate]]:
+        """Subject and prompt fidelity per prompt type, prior preservation on the class prompts."""
+        from ..toyworld import metrics
+
+        subject, prompts, _, class_images, class_prompts = _pooled(samples)
+        out = metrics.by_prompt_type(subject, [self.prompts[i] for i in prompts], self.subject,
+                                     [self.types[i] for i in prompts]) if len(subject) else {}
+        if len(class_images):
+            out["class"] = {"prior_preservation": metrics.prior_preservation(
+                class_images, [self.class_prompts[i] for i in class_prompts], self.subject)}
+        return out
+
+    def ceiling(self, vae, per_prompt: int, seed: int = 0) -> list[Samples]:
+        """The subject drawn as every evaluation prompt asks, through the base model's VAE: what a method
+        that learned the subject perfectly could show (no class images)."""
+        from ..toyworld.subjects import vae_round_trip
+
+        renders = self.subject.prompt_renders(self.prompts, per_prompt, seed)
+        decoded = (vae_round_trip(vae, renders) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        index = np.repeat(np.arange(len(self.prompts)), per_prompt)
+        empty = np.zeros((0, *decoded.shape[1:]), np.uint8)
+        return [Samples(seed, decoded, index, empty, np.zeros(0, np.int64))]
 
 
 class RealJudge:
@@ -102,6 +181,14 @@ class RealJudge:
                 self.missing.update({key: str(exc).rstrip(".") for key in keys})
         self.references = {k: e.images(references) for k, e in self.encoders.items()}
         self.texts = self.encoders["clip"].texts(clip_texts) if "clip" in self.encoders else None
+
+    def by_type(self, samples: list[Samples]) -> dict:
+        """Nothing: a subject of one's own has no prompt types."""
+        return {}
+
+    def ceiling(self, vae, per_prompt: int, seed: int = 0) -> None:
+        """Nothing: a subject of one's own cannot be rendered."""
+        return None
 
     def score(self, samples: list[Samples]) -> dict[str, Estimate | None]:
         from .. import metrics

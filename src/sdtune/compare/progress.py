@@ -47,10 +47,10 @@ def job_work(job: dict) -> JobWork:
                        per_image=steps, image_kind=CLASS)
     ev = job["eval"]
     final = max(job["eval_steps"])
-    per_point = len(ev["prompts"]) + len(ev["class_prompts"])
-    images = sum(per_point * ev["images_per_prompt" if s == final else "curve_images_per_prompt"]
-                 for s in job["eval_steps"])
-    label = f"{job['row']} seed {job['seed']}"
+    curve = len(ev.get("curve_prompts") or ev["prompts"])
+    images = sum((len(ev["prompts"]) + len(ev["class_prompts"])) * ev["images_per_prompt"] if s == final
+                 else (curve + len(ev["class_prompts"])) * ev["curve_images_per_prompt"] for s in job["eval_steps"])
+    label = f"{job['subject'] + ': ' if job.get('subject') else ''}{job['row']} seed {job['seed']}"
     work = JobWork(label, {START: 1, SAMPLE: images * ev["sample_steps"]}, per_image=ev["sample_steps"])
     if job["method"]:
         work.train_kind, work.per_step = f"train:{job['method']}", job["train"].get("batch_size", 1)

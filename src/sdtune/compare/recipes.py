@@ -28,7 +28,8 @@ EVAL_KEYS = ("sample_steps", "guidance", "images_per_prompt", "curve_images_per_
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """How every row is evaluated: prompt templates ({token}, {class_word}) and sampling settings."""
+    """How every row is evaluated: prompt templates ({token}, {class_word}) and sampling settings;
+    `curve_prompts` are the indices of the prompts also sampled before the final step (empty: all)."""
 
     prompts: tuple[str, ...]
     class_prompts: tuple[str, ...]
@@ -37,6 +38,7 @@ class EvalSettings:
     images_per_prompt: int = 4
     curve_images_per_prompt: int = 2
     curve_points: int = 3
+    curve_prompts: tuple[int, ...] = ()
 
 
 @dataclass

@@ -15,10 +15,16 @@ from . import plots
 from .document import Block, Bullets, Code, Figure, Heading, Paragraph, Table, to_html, to_markdown
 from .reading import headline, reading
 from .sampling import load_samples
-from .usage import trained_files, where_text
+from .usage import subject_parts, trained_files, where_text
 
 COSTS = (("wall_time_s", "Train time", False), ("peak_memory_bytes", "Peak memory", False),
          ("trainable_params", "Trainable params", True), ("artifact_bytes", "Artifact", True))
+# Subject fidelity per prompt type, in the order a subject's table shows them: the headline first, the hard
+# column beside it.
+TYPE_COLUMNS = (("one_factor", "one new factor"), ("two_factors", "two new factors"),
+                ("caption", "training captions"), ("identifier", "identifier alone"),
+                ("held_out_class", "unseen classes"), ("custom", "other prompts"))
+GRID_TYPES = ("one_factor", "held_out_class", "custom")  # the subject prompts an image grid shows
 
 
 def write_report(out: Path, results: dict) -> Path:
@@ -44,17 +50,24 @@ def title(results: dict) -> str:
     registered = registry()
     names = dict.fromkeys(row["method"] for row in results["rows"] if row["method"])
     labels = [registered[name].label if name in registered else name for name in names]
-    return f"sdtune compare: {listing(labels)} on one subject"
+    count = len(subject_parts(results))
+    return f"sdtune compare: {listing(labels)} on {'one subject' if count == 1 else f'{count} subjects'}"
 
 
 def build_blocks(results: dict, out: Path) -> list[Block]:
     """The report, top to bottom: what ran, the table, the reading, charts, curves, images, trained files,
     settings, machine."""
-    metrics = results["metrics"]
+    metrics, parts = results["metrics"], subject_parts(results)
     blocks: list[Block] = [Heading(1, title(results)), Paragraph(_summary(results)), Heading(2, "Results"),
-                           _table(results), Bullets(_notes(results)), Heading(2, "Which method when"),
-                           Paragraph(headline(results)), Bullets(reading(results)),
-                           Heading(2, "Quality and cost per method")]
+                           _table(results), Bullets(_notes(results))]
+    if any(row.get("quality_by_type") for part in parts for row in part["rows"]):
+        blocks += _type_tables(results, parts)
+    blocks += [Heading(2, "Which method when"), Paragraph(headline(results)), Bullets(reading(results))]
+    if len(parts) > 1:
+        blocks.append(Paragraph("These sentences read the pooled rows; readings per kind of subject (a look the "
+                                "model can already draw, a new look, a style), derived from each subject's "
+                                "intervals, are not written yet: compare the tables per subject above."))
+    blocks.append(Heading(2, "Quality and cost per method"))
     blocks += [_quality_bar(results, m) for m in metrics if m["key"] not in results["missing_metrics"]]
     blocks += [_cost_bar(results, key, label, log) for key, label, log in COSTS]
     blocks += [Heading(2, "Quality against training budget"),
@@ -71,13 +84,31 @@ def build_blocks(results: dict, out: Path) -> list[Block]:
 
 def _summary(results: dict) -> str:
     opts, subject = results["options"], results["subject"]
-    where = "the builtin toy-world subject" if results["profile"] == "builtin" else f"the images in `{opts['images']}`"
+    words = f"token `{subject['token']}`, class word `{subject['class_word']}`"
+    where = _subjects_text(results, words) if results["profile"] == "builtin" else \
+        f"the images in `{opts['images']}` ({words})"
     seeds, threads = results["seeds"], results["machine"]["torch_threads"]
-    return (f"Model `{opts['model']}`, {where} (token `{subject['token']}`, class word `{subject['class_word']}`); "
+    return (f"Model `{opts['model']}`, {where}; "
             f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))}); the whole comparison "
             f"took {results['wall_time_s']:.0f} s{_reused(results)} on {results['machine']['cpu']} "
             f"({threads} thread{'s' if threads != 1 else ''}, accelerator: {results['machine']['accelerator']}); "
             f"{results['created']}.")
+
+
+def _subjects_text(results: dict, words: str) -> str:
+    """Which builtin subjects ran, and how many there are (`words`: the token and class word of one)."""
+    from ..toyworld.catalogue import SUBJECTS
+
+    parts = [p for p in subject_parts(results) if p["name"]]
+    if not parts:
+        return f"the builtin toy-world subject ({words})"
+    names = ", ".join(f"{p['name']} ({p['kind']})" for p in parts)
+    if len(parts) == 1:
+        return (f"the builtin subject {parts[0]['name']} ({parts[0]['kind']}; {words}; one of {len(SUBJECTS)}: "
+                "`--subjects all` runs every one)")
+    tokens = " or ".join(sorted({f"`{p['token']}`" for p in parts}))
+    return (f"{len(parts)} builtin subjects, {names}, every row trained on each with the same recipe (the first "
+            f"table pools them, each subject weighing the same; token {tokens})")
 
 
 def _reused(results: dict) -> str:
@@ -111,6 +142,47 @@ def _table(results: dict) -> Table:
         costs = [_cost((row.get("cost") or {}).get(key), key) for key, _, _ in COSTS]
         rows.append([name, str(row["steps"]), *costs, *(_estimate(row["quality"].get(m["key"])) for m in metrics)])
     return Table(header, rows)
+
+
+def _type_tables(results: dict, parts: list[dict]) -> list[Block]:
+    """Subject fidelity per prompt type: pooled over the subjects (when several), then each subject's own with
+    its floor (the base model) and ceiling (its renders through the VAE)."""
+    blocks: list[Block] = [Heading(2, "Per prompt type")]
+    blocks.append(Paragraph(
+        "Subject fidelity by what the evaluation prompt changes from the training captions: one new background, "
+        "position or size (the headline, as in DreamBench), two at once (the hard column), nothing (the captions "
+        "themselves; the identifier alone) and, for a style, classes its images never show. Prompt fidelity "
+        "and prior preservation as in the first table. Values [95% interval]; pooled values weigh each subject "
+        "that has the prompt type the same."))
+    if len(parts) > 1:
+        blocks += [Heading(3, "Pooled over the subjects"), _type_table(results["rows"], None)]
+    for part in parts:
+        heading = part["name"] or "subject"
+        blocks.append(Heading(3, f"{heading} ({part['kind']})" if part.get("kind") else heading))
+        if part.get("description"):
+            blocks.append(Paragraph(f"{part['description'][0].upper()}{part['description'][1:]}; class word "
+                                    f"`{part['class_word']}`. The base row is the floor; the ceiling is the subject "
+                                    "drawn as each prompt asks, through the base model's VAE."))
+        blocks.append(_type_table(part["rows"], part.get("ceiling")))
+    return blocks
+
+
+def _type_table(rows: list[dict], ceiling: dict | None) -> Table:
+    entries = [("base (untouched)" if r["method"] is None else r["name"], r) for r in rows]
+    entries += [("ceiling (renders through the VAE)", ceiling)] if ceiling else []
+    present = [(k, label) for k, label in TYPE_COLUMNS
+               if any(k in (e.get("quality_by_type") or {}) for _, e in entries if e)]
+    header = ["Method", *(f"Subject fidelity: {label} ↑" for _, label in present), "Prompt fidelity ↑",
+              "Prior preservation ↑"]
+    lines = []
+    for name, entry in entries:
+        if not entry.get("quality"):
+            lines.append([name, "failed"] + [""] * (len(header) - 2))
+            continue
+        by_type, quality = entry.get("quality_by_type") or {}, entry["quality"]
+        lines.append([name, *(_estimate((by_type.get(k) or {}).get("subject_fidelity")) for k, _ in present),
+                      _estimate(quality.get("prompt_fidelity")), _estimate(quality.get("prior_preservation"))])
+    return Table(header, lines)
 
 
 def _notes(results: dict) -> list[str]:
@@ -182,24 +254,39 @@ GRIDS = (("subject", "subject", "subject_prompt", "Subject prompts (the subject'
 
 
 def _grids(results: dict, out: Path) -> list[Block]:
-    """Rows x evaluation prompts (first seed, last step), for the subject prompts and the class prompts."""
-    rows = [r for r in results["rows"] if r.get("samples") and (out / r["samples"]).is_file()]
+    """Per subject, rows x evaluation prompts (first seed, last step), for the subject prompts (those of the
+    headline types) and the class prompts."""
+    parts = subject_parts(results)
+    blocks = [block for part in parts for block in _subject_grids(results, part, out, len(parts) > 1)]
+    return blocks or [Paragraph("No evaluation images were found beside this report.")]
+
+
+def _subject_grids(results: dict, part: dict, out: Path, named: bool) -> list[Block]:
+    rows = [r for r in part["rows"] if r.get("samples") and (out / r["samples"]).is_file()]
+    suffix, prefix = (f"_{part['name']}", f"{part['name']}: ") if part["name"] else ("", "")
+    titles = [(kind, f"{prefix if named else ''}{title}") for kind, _, _, title in GRIDS]
     if not rows:
-        return _earlier_grids(out) or [Paragraph("No evaluation images were found beside this report.")]
+        return _earlier_grids(out, titles, suffix)
+    evaluation = part.get("evaluation") or results["evaluation"]
+    types = evaluation.get("prompt_types")
+    shown = {"subject": [j for j, kind in enumerate(types or []) if kind in GRID_TYPES] if types
+             else list(range(len(evaluation["prompts"]))),
+             "class": list(range(len(evaluation["class_prompts"])))}
     samples = [load_samples(out / r["samples"]) for r in rows]
     names = [r["name"] for r in rows]
     blocks: list[Block] = []
-    for kind, images_key, index_key, title in GRIDS:
-        prompts = results["evaluation"]["prompts" if kind == "subject" else "class_prompts"]
-        cells = [[_cell(s[images_key], s[index_key], j) for j in range(len(prompts))] for s in samples]
-        blocks.append(Figure(title, f"charts/grid_{kind}.png", plots.image_grid(title, names, prompts, cells)))
+    for (kind, images_key, index_key, _), (_, title) in zip(GRIDS, titles):
+        prompts = evaluation["prompts" if kind == "subject" else "class_prompts"]
+        cells = [[_cell(s[images_key], s[index_key], j) for j in shown[kind]] for s in samples]
+        chart = plots.image_grid(title, names, [prompts[j] for j in shown[kind]], cells)
+        blocks.append(Figure(title, f"charts/grid_{kind}{suffix}.png", chart))
     return blocks
 
 
-def _earlier_grids(out: Path) -> list[Block]:
+def _earlier_grids(out: Path, titles: list[tuple[str, str]], suffix: str) -> list[Block]:
     """The grids an earlier report left beside this one, when the evaluation images are gone (a report
     rebuilt from results.json alone, as the committed docs/compare one is)."""
-    found = [(title, out / f"charts/grid_{kind}.png") for kind, _, _, title in GRIDS]
+    found = [(title, out / f"charts/grid_{kind}{suffix}.png") for kind, title in titles]
     return [Figure(title, str(path.relative_to(out)), path.read_bytes()) for title, path in found if path.is_file()]
 
 
@@ -209,7 +296,8 @@ def _cell(images: np.ndarray, index: np.ndarray, prompt: int) -> np.ndarray | No
 
 
 def _settings(results: dict) -> dict:
-    shared = {"evaluation": {k: v for k, v in results["evaluation"].items() if k not in ("prompts", "class_prompts")}}
+    listed = ("prompts", "class_prompts", "prompt_types", "curve_prompts")
+    shared = {"evaluation": {k: v for k, v in results["evaluation"].items() if k not in listed}}
     return {**shared, **{r["name"]: r["settings"] for r in results["rows"]}}
 
 

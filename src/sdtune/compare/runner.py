@@ -1,8 +1,10 @@
-"""`sdtune compare`: every row on every seed, each run in a process of its own, then one judge and one report.
+"""`sdtune compare`: every row on every seed of every subject, each run in a process of its own, then one
+judge per subject and one report.
 
-OUTPUT/ gets subject/ (the builtin subject's images), class_images/ (prior preservation's, generated once),
-runs/ROW/seed-S/ (each run: its artifact and evaluation images, written atomically; a finished run whose
-job is unchanged is reused unless --fresh), logs/, and finally results.json, report.md and report.html.
+For each builtin subject OUTPUT/subjects/NAME/ gets subject/ (its captioned images), class_images/ (prior
+preservation's, generated once) and runs/ROW/seed-S/ (each run: its artifact and evaluation images, written
+atomically; a finished run whose job is unchanged is reused unless --fresh); a subject of one's own has
+class_images/ and runs/ at the top of OUTPUT. Then logs/, results.json, report.md and report.html.
 """
 
 from __future__ import annotations
@@ -12,14 +14,24 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import SdtuneError
 from .progress import Board, job_work
 from .recipes import DEFAULT_ROWS
 from .recipes import Plan, load_plan, profile_for, without_token
 from .worker import EVENT
+
+if TYPE_CHECKING:
+    from ..toyworld.subjects import Subject
+    from .judge import RealJudge, Samples, ToyJudge
+
+# The builtin subjects' evaluation prompts, by type, in sampling order: two new factors first, so the prompts
+# the comparison always had keep their index and with it their noise (and their numbers).
+EVAL_ORDER = ("two_factors", "caption", "identifier", "one_factor", "held_out_class")
+CURVE_TYPES = ("two_factors", "one_factor")  # also sampled along the run (the headline and the hard column)
 
 
 @dataclass
@@ -39,6 +51,24 @@ class CompareOptions:
     dino_model: str | None = None
     fresh: bool = False
     progress: bool = True
+    subjects: str = ""
+
+
+@dataclass
+class Part:
+    """One subject of a comparison: its builtin entry (None for one's own images), plan, image folder, where
+    its runs go (relative to OUTPUT) and, once the runs are done, its judge and ceiling images."""
+
+    subject: Subject | None
+    plan: Plan
+    images: Path
+    root: str
+    judge: ToyJudge | RealJudge | None = None
+    ceiling: list[Samples] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.subject.name if self.subject else ""
 
 
 def run_compare(opts: CompareOptions) -> Path:
@@ -51,56 +81,90 @@ def run_compare(opts: CompareOptions) -> Path:
     started = time.time()
     out = Path(opts.output).resolve()
     profile = profile_for(opts.model, opts.images)
-    token, class_word, prompts = _subject_words(opts, profile)
-    plan = load_plan(profile, token, class_word, opts.methods, opts.config, prompts)
-    subject = _subject_images(opts, profile, out)
-    jobs = make_jobs(plan, opts, subject, out)
+    parts = [_part(opts, profile, subject, out) for subject in _subjects(opts, profile)]
+    jobs = [job for part in parts for job in make_jobs(part.plan, opts, part.images, out, part.name)]
     board = Board([job_work(job) for job in jobs], opts.progress)
-    runs: dict[tuple[str, int], dict] = {}
+    runs: dict[tuple[str, str, int], dict] = {}
     try:
         for job in jobs:
-            runs[(job["row"], job["seed"])] = run_job(job, out / "logs", board, opts.fresh)
+            runs[(job["subject"], job["row"], job["seed"])] = run_job(job, out / "logs", board, opts.fresh)
     finally:
         board.close()
-    judge = make_judge(plan, opts, subject)
-    results = assemble(plan, asdict(opts), runs, judge, out, time.time() - started)
+    vae = _ceiling_vae(opts, profile)
+    for part in parts:
+        part.judge = make_judge(part.plan, opts, part.images, part.subject)
+        part.ceiling = part.judge.ceiling(vae, part.plan.evaluation.images_per_prompt) if vae else None
+    results = assemble(parts, asdict(opts), runs, out, time.time() - started)
     return write_report(out, results)
 
 
-def _subject_words(opts: CompareOptions, profile: str) -> tuple[str, str, tuple | None]:
-    """(token, class word, default prompt templates): the builtin subject's, or what the user gave."""
-    if profile == "builtin":
-        from ..toyworld import subject
+def _subjects(opts: CompareOptions, profile: str) -> list[Subject | None]:
+    """The builtin subjects --subjects names (default: the first), or [None] for one's own images."""
+    from ..toyworld.catalogue import DEFAULT_SUBJECT, select_subjects
 
-        templates = tuple(p.replace(f" {subject.TOKEN} ", " {token} ") for p in subject.EVAL_PROMPTS)
-        return opts.token or subject.TOKEN, subject.CLASS_WORD, (templates, tuple(subject.CLASS_EVAL_PROMPTS))
+    if profile == "builtin":
+        return select_subjects(opts.subjects or DEFAULT_SUBJECT)
+    if opts.subjects:
+        raise SdtuneError("--subjects picks builtin subjects; leave it out when comparing on --images.")
+    return [None]
+
+
+def _part(opts: CompareOptions, profile: str, subject: Subject | None, out: Path) -> Part:
+    """A subject's validated plan and image folder (a builtin subject's captioned images are written to
+    OUTPUT/subjects/NAME/subject)."""
+    token, class_word, prompts = _subject_words(opts, profile, subject)
+    plan = load_plan(profile, token, class_word, opts.methods, opts.config, prompts)
+    if subject is None:
+        return Part(None, plan, _subject_images(opts, profile, out), "")
+    if plan.evaluation.prompts == prompts[0]:  # the subject's own prompts, not a --config's
+        kinds = [kind for kind in EVAL_ORDER for _ in subject.prompts.get(kind, ())]
+        plan.evaluation = replace(plan.evaluation, curve_prompts=tuple(
+            j for j, kind in enumerate(kinds) if kind in CURVE_TYPES))
+    root = f"subjects/{subject.name}"
+    return Part(subject, plan, _subject_images(opts, profile, out / root, subject), root)
+
+
+def _subject_words(opts: CompareOptions, profile: str, subject=None) -> tuple[str, str, tuple | None]:
+    """(token, class word, default prompt templates): a builtin subject's (default: the first), or what the
+    user gave."""
+    if profile == "builtin":
+        from ..toyworld.catalogue import QUARTERED_CIRCLE
+
+        subject = subject or QUARTERED_CIRCLE
+        ordered = [p for kind in EVAL_ORDER for p in subject.prompts.get(kind, ())]
+        templates = tuple(p.replace(f" {subject.token} ", " {token} ") for p in ordered)
+        return opts.token or subject.token, subject.class_word, (templates, tuple(subject.prompts["class"]))
     if not opts.images or not opts.class_word:
         raise SdtuneError("Comparing on your own subject needs both --images DIR and --class-word WORD "
                           "(e.g. --class-word dog).")
     return opts.token or "sks", opts.class_word, None
 
 
-def _subject_images(opts: CompareOptions, profile: str, out: Path) -> Path:
-    """The subject's image folder, checked; the builtin subject's captioned images are written to
-    OUTPUT/subject."""
+def _subject_images(opts: CompareOptions, profile: str, out: Path, subject=None) -> Path:
+    """The subject's image folder, checked; a builtin subject's captioned images are written to
+    OUT/subject."""
     from ..artifacts import atomic_output_dir
     from ..data import load_image_folder
 
     if profile != "builtin":
         load_image_folder(opts.images)  # refuses a missing folder or unreadable images by name
         return Path(opts.images).resolve()
-    from ..toyworld.captions import caption
-    from ..toyworld.subject import CLASS_WORD, instance_scenes, write_instance_images
-
     folder = out / "subject"
     if not folder.is_dir():
         with atomic_output_dir(folder) as tmp:
             # Captions name each picture's background and position, with {token} where the identifier goes,
             # so a row's own token (Textual Inversion's new word) takes its place.
-            for path, scene in zip(write_instance_images(tmp), instance_scenes()):
-                text = caption(CLASS_WORD, position=scene.position, background=scene.background, identifier="{token}")
-                path.with_suffix(".txt").write_text(text + "\n", encoding="utf-8")
+            subject.write_instance_images(tmp, captions=True, token="{token}")
     return folder
+
+
+def _ceiling_vae(opts: CompareOptions, profile: str):
+    """The base model's VAE, which the builtin subjects' ceiling images go through (None for one's own)."""
+    if profile != "builtin":
+        return None
+    from ..model import load
+
+    return load(opts.model, config=opts.model_config).vae
 
 
 def eval_steps(steps: int, points: int) -> list[int]:
@@ -110,24 +174,28 @@ def eval_steps(steps: int, points: int) -> list[int]:
     return sorted({max(1, round(steps * i / points)) for i in range(1, points + 1)})
 
 
-def make_jobs(plan: Plan, opts: CompareOptions, subject: Path, out: Path) -> list[dict]:
-    """Worker jobs: class images once (when a row uses prior preservation), then every row on every seed."""
-    common = {"output": str(out), "model": opts.model, "model_config": opts.model_config, "images": str(subject),
-              "class_word": plan.class_word, "eval": json.loads(json.dumps(asdict(plan.evaluation)))}
-    class_folder = str(out / "class_images")
+def make_jobs(plan: Plan, opts: CompareOptions, subject: Path, out: Path, name: str = "") -> list[dict]:
+    """Worker jobs of one subject (`name`: a builtin one's, its files under OUTPUT/subjects/NAME): class images
+    once (when a row uses prior preservation), then every row on every seed."""
+    common = {"output": str(out), "subject": name, "model": opts.model, "model_config": opts.model_config,
+              "images": str(subject), "class_word": plan.class_word,
+              "eval": json.loads(json.dumps(asdict(plan.evaluation)))}
+    base = out / "subjects" / name if name else out
+    class_folder = str(base / "class_images")
     # Rows naming their own class images keep them; the others share one generated set.
     prior = [row for row in plan.rows if row.train.get("prior_preservation") and not row.data.get("class_images")]
     jobs = []
     if prior:
         jobs.append({**common, "kind": "class-images", "row": "class-images", "seed": 0, "token": plan.token,
-                     "data": {**prior[0].data, "class_images": class_folder}, "out": str(out / "runs" / "class-images")})
+                     "data": {**prior[0].data, "class_images": class_folder},
+                     "out": str(base / "runs" / "class-images")})
     for seed in range(opts.seeds):
         for row in plan.rows:
             data = {**row.data, "class_images": class_folder} if row in prior else row.data
             jobs.append({**common, "kind": "row", "row": row.name, "method": row.method, "seed": seed,
                          "token": row.token, "data": data, "train": row.train, "method_cfg": row.method_cfg,
                          "eval_steps": eval_steps(row.steps, plan.evaluation.curve_points),
-                         "out": str(out / "runs" / row.name / f"seed-{seed}")})
+                         "out": str(base / "runs" / row.name / f"seed-{seed}")})
     return jobs
 
 
@@ -141,7 +209,7 @@ def run_job(job: dict, logs: Path, board: Board, fresh: bool = False) -> dict:
         board.finish("reused")
         return {**json.loads((folder / "result.json").read_text()), "reused": True}
     logs.mkdir(parents=True, exist_ok=True)
-    log_path = logs / f"{job['row']}-seed-{job['seed']}.log"
+    log_path = logs / f"{job['subject'] + '-' if job.get('subject') else ''}{job['row']}-seed-{job['seed']}.log"
     error = ""
     # Idle OpenMP threads sleep instead of spinning: on a CPU shared with other work, spinning threads made
     # torch 10-100x slower here (FINDINGS); on a quiet CPU it costs nothing measurable.
@@ -205,15 +273,18 @@ def _last_line(path: Path) -> str:
     return lines[-1] if lines else "the run stopped without a message"
 
 
-def make_judge(plan: Plan, opts: CompareOptions, subject: Path):
-    """The toy-world judge for the builtin subject; DINO/CLIP against the subject's images otherwise."""
+def make_judge(plan: Plan, opts: CompareOptions, subject: Path, builtin=None):
+    """The toy-world judge for a builtin subject (`builtin`, default the first); DINO/CLIP against the
+    subject's images otherwise."""
     from .judge import RealJudge, ToyJudge
     from .sampling import fill
 
     if plan.profile == "builtin":
-        from ..toyworld.subject import TOKEN
+        from ..toyworld.catalogue import QUARTERED_CIRCLE
 
-        return ToyJudge(fill(plan.evaluation.prompts, TOKEN, plan.class_word), list(plan.evaluation.class_prompts))
+        builtin = builtin or QUARTERED_CIRCLE
+        return ToyJudge(builtin, fill(plan.evaluation.prompts, builtin.token, plan.class_word),
+                        list(plan.evaluation.class_prompts))
     from ..data import load_image_folder
 
     references = [record.load() for record in load_image_folder(subject)]

@@ -21,12 +21,14 @@ def fill(templates: list[str] | tuple[str, ...], token: str, class_word: str) ->
 
 @torch.no_grad()
 def sample(model, prompts: list[str], per_prompt: int, seed: int, steps: int, guidance: float,
-           on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 [N,H,W,3], prompt index [N]) with `per_prompt` images of each prompt."""
+           on_batch: Callable[[int], None] | None = None,
+           only: list[int] | tuple[int, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N,H,W,3], prompt index [N]) with `per_prompt` images of each prompt, or of the prompts
+    whose indices `only` lists (each drawn exactly as when all are sampled)."""
     pipe = model.pipeline()
     for module in model.components().values():
         module.eval()
-    jobs = [(j, i) for j in range(len(prompts)) for i in range(per_prompt)]
+    jobs = [(j, i) for j in (range(len(prompts)) if only is None else only) for i in range(per_prompt)]
     dtype, device = model.unet.dtype, model.unet.device
     out = []
     for start in range(0, len(jobs), BATCH):

@@ -7,25 +7,34 @@ from pathlib import Path, PurePosixPath
 
 
 def run_folder(row: dict, seed: int) -> PurePosixPath:
-    """A row's artifact folder for one seed, relative to the report (the runner's runs/ROW/seed-S/artifact)."""
-    return PurePosixPath("runs", row["name"], f"seed-{seed}", "artifact")
+    """A row's artifact folder for one seed, relative to the report (the runner's [subjects/NAME/]runs/ROW/
+    seed-S/artifact)."""
+    return PurePosixPath(row.get("folder") or f"runs/{row['name']}", f"seed-{seed}", "artifact")
+
+
+def subject_parts(results: dict) -> list[dict]:
+    """The comparison's subjects, each with its rows (results.json from before several subjects: one)."""
+    return results.get("subjects") or [{"name": None, "rows": results["rows"], "token": results["subject"]["token"]}]
 
 
 def trained_files(results: dict, out: Path) -> list[str]:
-    """One item per trained row: its files for the first seed and the command that generates with them."""
-    seeds = results["seeds"]
+    """One item per trained row (of each subject): its files for the first seed and the command that
+    generates with them."""
+    seeds, parts = results["seeds"], subject_parts(results)
     items = []
-    for row in results["rows"]:
-        if not row["method"] or not row.get("seeds_ok"):
-            continue
-        folder = run_folder(row, seeds[0])
-        method = _method(row)
-        files = ", ".join(f"`{folder / name}`" for name in method.output_files(row["name"], None))
-        command = method.usage(results["options"]["model"], Path(folder), row["name"],
-                               row["settings"].get("token", results["subject"]["token"]))
-        missing = "" if (Path(out) / folder).is_dir() else " (not beside this copy of the report)"
-        items.append(f"**{row['name']}**: {files}{missing}; generate with `sdtune generate {command} "
-                     f"--output {row['name']}.png`")
+    for part in parts:
+        for row in part["rows"]:
+            if not row["method"] or not row.get("seeds_ok"):
+                continue
+            folder = run_folder(row, seeds[0])
+            method = _method(row)
+            files = ", ".join(f"`{folder / name}`" for name in method.output_files(row["name"], None))
+            command = method.usage(results["options"]["model"], Path(folder), row["name"],
+                                   row["settings"].get("token", part["token"]))
+            missing = "" if (Path(out) / folder).is_dir() else " (not beside this copy of the report)"
+            label = f"{part['name']}: {row['name']}" if len(parts) > 1 else row["name"]
+            items.append(f"**{label}**: {files}{missing}; generate with `sdtune generate {command} "
+                         f"--output {row['name']}.png`")
     return items
 
 

@@ -66,11 +66,11 @@ def run_row(job: dict, folder: Path) -> dict:
     if job["method"]:
         method, timeline, snapshots = _train(model, job, folder, result)
     for step in sorted(job["eval_steps"], reverse=True):  # the final weights first: they are in the model now
-        if step != max(job["eval_steps"]):
+        final = step == max(job["eval_steps"])
+        if not final:
             _restore(method, model, snapshots.pop(step))
-        per_prompt = job["eval"]["images_per_prompt" if step == max(job["eval_steps"]) else "curve_images_per_prompt"]
         name = f"step-{step:06d}.npz"
-        _evaluate(model, job, per_prompt, folder / name, counter)
+        _evaluate(model, job, final, folder / name, counter)
         result["evaluations"].append({"step": step, "seconds": round(timeline.get(step, 0.0), 3), "file": name})
     result["evaluations"].sort(key=lambda e: e["step"])
     shutil.rmtree(folder / "snapshots", ignore_errors=True)
@@ -131,19 +131,22 @@ def _restore(method, model, path: Path) -> None:
     path.unlink()
 
 
-def _evaluate(model, job: dict, per_prompt: int, path: Path, counter: list[int]) -> None:
-    """Sample the subject prompts (with this row's token) and the class prompts; save them together.
-    `counter` holds the images generated so far in this job (for progress events)."""
+def _evaluate(model, job: dict, final: bool, path: Path, counter: list[int]) -> None:
+    """Sample the subject prompts (with this row's token; before the final step only the curve's) and the
+    class prompts; save them together. `counter` holds the images generated so far in this job (for progress
+    events)."""
     from .sampling import fill, sample, save_samples
 
     ev = job["eval"]
+    per_prompt = ev["images_per_prompt" if final else "curve_images_per_prompt"]
+    only = None if final or not ev.get("curve_prompts") else ev["curve_prompts"]
 
     def on_batch(count: int) -> None:
         counter[0] += count
         emit(event="images", done=counter[0])
 
     settings = dict(seed=job["seed"], steps=ev["sample_steps"], guidance=ev["guidance"], on_batch=on_batch)
-    subject = sample(model, fill(ev["prompts"], job["token"], job["class_word"]), per_prompt, **settings)
+    subject = sample(model, fill(ev["prompts"], job["token"], job["class_word"]), per_prompt, only=only, **settings)
     class_ = sample(model, fill(ev["class_prompts"], job["token"], job["class_word"]), per_prompt, **settings)
     save_samples(path, subject, class_)
 

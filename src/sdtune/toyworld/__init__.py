@@ -1,4 +1,4 @@
-"""The toy world: procedural shapes, captions, the builtin base model, its subject, evaluators and metrics.
+"""The toy world: procedural shapes, captions, the builtin base model, its subjects, evaluators and metrics.
 
 Importing this package is cheap; the names below load their module (and torch) on first use.
 """
@@ -18,7 +18,11 @@ _EXPORTS = {
     "evaluate": ("Reading", "read_images", "judge_images", "attribute_accuracy", "ATTRIBUTES"),
     "subject": ("TOKEN", "CLASS_WORD", "INSTANCE_PROMPT", "CLASS_PROMPT", "EVAL_PROMPTS", "CLASS_EVAL_PROMPTS",
                 "write_instance_images", "instance_images", "read_subject", "subject_renders"),
-    "metrics": ("Estimate", "subject_fidelity", "prompt_fidelity", "prior_preservation", "diversity"),
+    "looks": ("Look", "read_look"),
+    "subjects": ("Subject", "PROMPT_TYPES"),
+    "catalogue": ("SUBJECTS", "get_subject"),
+    "metrics": ("Estimate", "subject_fidelity", "prompt_fidelity", "prior_preservation", "diversity",
+                "by_prompt_type"),
     "models": ("load_pipeline",),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -83,14 +83,14 @@ def decoder_phase(run: loop.Run, vae, resume: dict[str, Any] | None, budget_s: f
 
 
 @torch.no_grad()
-def round_trip_report(vae, device: torch.device, n: int = 200, seed: int = 4242) -> dict[str, float]:
+def round_trip_report(vae, n: int = 200, seed: int = 4242) -> dict[str, float]:
     """How well plain scenes and the builtin subject survive encode -> decode (evaluator readings)."""
     from sdtune.toyworld import subject
     from sdtune.toyworld.evaluate import ATTRIBUTES, attribute_accuracy, read_images
+    from sdtune.toyworld.subjects import vae_round_trip
 
     def rt(images: torch.Tensor) -> torch.Tensor:
-        z = vae.encode(images_as_float(images.to(device))).latent_dist.mode()
-        return ((vae.decode(z).sample + 1) / 2).clamp(0, 1).cpu()
+        return vae_round_trip(vae, images)  # on the VAE's own device
 
     batch = sample_scenes(n, seed)
     acc = attribute_accuracy([r.as_dict() for r in read_images(rt(render_batch(batch)))],
@@ -135,14 +135,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     run = loop.Run(args, cfg, time.monotonic())
     torch.manual_seed(cfg["seed"])
     vae = AutoencoderKL.from_pretrained(str(vae_dir)).to(run.device, torch.float32)
-    run.log(f"[decoder] before: {round_trip_report(vae, run.device)}")
+    run.log(f"[decoder] before: {round_trip_report(vae)}")
     budget = max(0.0, run.deadline - time.monotonic() - 30)  # 30 s kept for the report and the write
     if resume is None:
         resume = {"phase": "decoder", "step": 0, "planned": None, "vae": ck.half_state(vae),
                   "optim": {"state": {}, "param_groups": []}}
     decoder_phase(run, vae, resume, budget)
     vae.load_state_dict({k: v.half().float() for k, v in vae.state_dict().items()})  # as it will be saved
-    report = round_trip_report(vae, run.device)
+    report = round_trip_report(vae)
     run.log(f"[decoder] after: {report}")
     replace_component(args.pipeline, "vae", vae)
     run.log(f"[decoder] wrote {vae_dir}")

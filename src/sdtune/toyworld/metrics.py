@@ -1,11 +1,15 @@
-"""Toy-world analogues of the DreamBooth paper's metrics, each a value with a 95% bootstrap interval.
+"""Toy-world analogues of the DreamBooth paper's metrics, each a value with a 95% bootstrap interval, for
+any builtin subject (default: the first, the quartered circle).
 
-- subject_fidelity   (DINO / CLIP-I): how much generated images show the subject (subject score, 0..1).
+- subject_fidelity   (DINO / CLIP-I): how much generated images show the subject (its scorer, 0..1).
 - prompt_fidelity    (CLIP-T): share of the attributes a prompt names (background, position, size, colour,
-                     shape) that the image honours.
+                     shape) that the image honours, leaving out those the identifier stands for.
 - prior_preservation (PRES, turned so higher is better): share of class-word images that show a plain member
-                     of the class in the prompted colours, not the subject.
+                     of the class as prompted, not the subject.
 - diversity          (DIV): mean pixel distance between images of the same prompt.
+
+by_prompt_type gives the first two per prompt type of the subject and prior preservation on its class
+prompts (see subjects.PROMPT_TYPES).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 
 from sdtune.toyworld.captions import parse_caption
 from sdtune.toyworld.evaluate import as_float_batch, read_images
-from sdtune.toyworld.subject import CLASS_WORD, read_subject
+from sdtune.toyworld.subjects import Subject
 
 LEVEL = 0.95
 N_BOOT = 2000
@@ -37,6 +41,18 @@ class Estimate:
         return f"{self.value:.3f} [{self.low:.3f}, {self.high:.3f}] (n={self.n})"
 
 
+def stratified_mean(groups: Sequence[Sequence[float]], seed: int = 0) -> Estimate:
+    """Mean of the groups' means (each group, such as a subject, weighs the same however many images it has),
+    with a bootstrap that resamples within each group; one group gives exactly bootstrap_mean."""
+    arrays = [np.asarray(g, dtype=np.float64) for g in groups if len(g)]
+    if len(arrays) <= 1:
+        return bootstrap_mean(arrays[0] if arrays else [], seed)
+    rng = np.random.default_rng(seed)
+    means = np.mean([a[rng.integers(0, len(a), (N_BOOT, len(a)))].mean(axis=1) for a in arrays], axis=0)
+    lo, hi = np.quantile(means, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
+    return Estimate(float(np.mean([a.mean() for a in arrays])), float(lo), float(hi), sum(len(a) for a in arrays))
+
+
 def bootstrap_mean(scores: Sequence[float], seed: int = 0) -> Estimate:
     """Mean of per-image scores with a percentile bootstrap interval (seeded, so reports are repeatable)."""
     s = np.asarray(scores, dtype=np.float64)
@@ -48,42 +64,74 @@ def bootstrap_mean(scores: Sequence[float], seed: int = 0) -> Estimate:
     return Estimate(float(s.mean()), float(lo), float(hi), len(s))
 
 
-def subject_fidelity(images) -> Estimate:
-    """Mean subject score of the images (the subject is the quartered yellow/purple circle)."""
-    return bootstrap_mean([r.score for r in read_subject(images)])
+def _or_default(subject: Subject | None) -> Subject:
+    from sdtune.toyworld.catalogue import QUARTERED_CIRCLE
+
+    return subject or QUARTERED_CIRCLE
 
 
-def prompt_scores(images, prompts: Sequence[str]) -> list[float]:
+def subject_fidelity(images, subject: Subject | None = None) -> Estimate:
+    """Mean subject score of the images (by the subject's own scorer)."""
+    return bootstrap_mean([r.score for r in _or_default(subject).read(images)])
+
+
+def prompt_scores(images, prompts: Sequence[str], subject: Subject | None = None) -> list[float]:
     """Per image, the share of the prompt's named attributes the image shows. For prompts with an identifier
-    only background, position and size count (colour and shape belong to the subject, not the prompt)."""
+    the attributes it stands for (the subject's identity: colour, and shape or size where the look fixes
+    them) do not count: they belong to the subject, not the prompt."""
+    identity = _or_default(subject).identity
     readings = read_images(images)
     scores = []
     for reading, prompt in zip(readings, prompts, strict=True):
         asked = parse_caption(prompt)
-        keys = ["background", "position", "size"] + ([] if asked["identifier"] else ["colour", "shape"])
+        keys = [k for k in ("background", "position", "size", "colour", "shape")
+                if not (asked["identifier"] and k in identity)]
         named = [k for k in keys if asked[k] is not None]
         got = reading.as_dict()
         scores.append(float(np.mean([got[k] == asked[k] for k in named])) if named else 1.0)
     return scores
 
 
-def prompt_fidelity(images, prompts: Sequence[str]) -> Estimate:
+def prompt_fidelity(images, prompts: Sequence[str], subject: Subject | None = None) -> Estimate:
     """Mean share of prompted attributes honoured (see prompt_scores)."""
-    return bootstrap_mean(prompt_scores(images, prompts))
+    return bootstrap_mean(prompt_scores(images, prompts, subject))
 
 
-def prior_preservation(images, prompts: Sequence[str]) -> Estimate:
-    """Share of class-word images showing a plain class object (not the subject) in the prompted object and
-    background colours."""
-    readings, subject = read_images(images), read_subject(images)
+def prior_preservation(images, prompts: Sequence[str], subject: Subject | None = None) -> Estimate:
+    """Share of class-word images showing a plain object of the prompted class (not the subject) in the
+    prompted object and background colours, and size where the prompt names one."""
+    return bootstrap_mean(prior_scores(images, prompts, subject))
+
+
+def prior_scores(images, prompts: Sequence[str], subject: Subject | None = None) -> list[float]:
+    """Per class-word image, 1 where it shows what prior_preservation asks for, else 0."""
+    readings, subject_readings = read_images(images), _or_default(subject).read(images)
     ok = []
-    for reading, subj, prompt in zip(readings, subject, prompts, strict=True):
+    for reading, subj, prompt in zip(readings, subject_readings, prompts, strict=True):
         asked = parse_caption(prompt)
-        good = reading.shape == (asked["shape"] or CLASS_WORD) and not subj.is_subject
-        for key in ("colour", "background"):
+        good = reading.shape == asked["shape"] and not subj.is_subject
+        for key in ("colour", "background", "size"):
             good &= asked[key] is None or reading.as_dict()[key] == asked[key]
         ok.append(float(good))
-    return bootstrap_mean(ok)
+    return ok
+
+
+def by_prompt_type(images, prompts: Sequence[str], subject: Subject,
+                   types: Sequence[str] | None = None) -> dict[str, dict[str, Estimate]]:
+    """Per prompt type present among `prompts`: subject and prompt fidelity for the identifier's types, prior
+    preservation for the class prompts. Each prompt's type is the subject's (or given in `types`)."""
+    x = as_float_batch(images)
+    kinds = list(types) if types is not None else [subject.type_of(p) for p in prompts]
+    out: dict[str, dict[str, Estimate]] = {}
+    for kind in dict.fromkeys(kinds):
+        pick = np.flatnonzero(np.array(kinds) == kind)
+        chosen = [prompts[i] for i in pick]
+        if kind == "class":
+            out[kind] = {"prior_preservation": prior_preservation(x[pick], chosen, subject)}
+        else:
+            out[kind] = {"subject_fidelity": subject_fidelity(x[pick], subject),
+                         "prompt_fidelity": prompt_fidelity(x[pick], chosen, subject)}
+    return out
 
 
 def _pair_distances(x: torch.Tensor) -> np.ndarray:

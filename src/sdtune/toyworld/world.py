@@ -38,6 +38,8 @@ POSITION_NAMES: tuple[str, ...] = tuple(POSITIONS)
 # Two-colour patterns: where `colour2` replaces `colour` inside the shape. Captions never name them; the VAE
 # sees them so that it can encode and decode objects of more than one colour (like the builtin subject).
 PATTERNS: tuple[str, ...] = ("plain", "quadrants", "halves", "stripes", "ring")
+STRIPE_HEIGHT, STRIPE_TOP = 0.5, -1.5  # horizontal bands half a radius high counted from 1.5 radii above
+RING_RADIUS_SQUARED = 0.3  # the disc of colour2 in the middle of a "ring" (its radius squared, in radii)
 
 POS_JITTER = 0.02
 SCALE_JITTER = 0.08
@@ -223,8 +225,8 @@ def pattern_mask(pattern_idx: torch.Tensor, x: torch.Tensor, y: torch.Tensor) ->
     p = pattern_idx.view(-1, 1, 1)
     quadrants = (x < 0) ^ (y < 0)  # colour on the top-left and bottom-right quarters
     halves = x >= 0  # colour on the left half
-    stripes = torch.remainder(torch.floor((y + 1.5) / 0.5), 2) == 1  # horizontal bands half a radius high
-    ring = x * x + y * y <= 0.3  # colour2 in the middle, colour around it
+    stripes = torch.remainder(torch.floor((y - STRIPE_TOP) / STRIPE_HEIGHT), 2) == 1  # odd bands: colour2
+    ring = x * x + y * y <= RING_RADIUS_SQUARED  # colour2 in the middle, colour around it
     return ((p == 1) & quadrants) | ((p == 2) & halves) | ((p == 3) & stripes) | ((p == 4) & ring)
 
 
