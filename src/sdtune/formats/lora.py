@@ -26,8 +26,8 @@ import torch
 from ..errors import SdtuneError
 from . import Layout, matching_layout
 from .ldm_names import diffusers_to_ldm_unet_names, ldm_to_diffusers_unet_names
-from .lycoris import (CANONICAL_PARAMS, KOHYA_PARAMS, UNSUPPORTED_SUFFIXES, algorithm, check_module, input_width,
-                      param_of, rank, update_shape)
+from .lycoris import (CANONICAL_PARAMS, KOHYA_PARAMS, MAGNITUDE, UNSUPPORTED_SUFFIXES, algorithm, check_module,
+                      input_width, param_of, rank, update_shape)
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 # Component -> kohya name prefixes it may be written with (first one is written for SD1/SD2).
@@ -42,7 +42,7 @@ _PEFT_KEY = rf"({'|'.join(COMPONENTS)})\.(.*\.)?"  # a component, then the modul
 LAYOUTS: tuple[Layout, ...] = (
     Layout("kohya", "LoRA (kohya / A1111 / ComfyUI)",
            keys=rf"({'|'.join(p for prefixes in KOHYA_PREFIXES.values() for p in prefixes)}).*"),
-    Layout("diffusers", "LoRA (diffusers / PEFT)", keys=_PEFT_KEY + r"(lora_[AB]\.weight|lora_magnitude_vector(\.weight)?)"),
+    Layout("diffusers", "LoRA (diffusers / PEFT)", keys=_PEFT_KEY + rf"(lora_[AB]\.weight|{MAGNITUDE}(\.weight)?)"),
     Layout("sdtune", "LoRA (sdtune)", keys=_PEFT_KEY + f"({'|'.join(map(re.escape, KOHYA_PARAMS))})"),
 )
 # transformers >= 5 flattens CLIPTextModel (no `text_model.`); files always carry the prefix.

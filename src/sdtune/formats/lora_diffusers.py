@@ -19,9 +19,8 @@ from ..errors import SdtuneError
 from .lora import (CLIP_FILE_PREFIX, COMPONENTS, Modules, file_path, group_modules, module_alpha, module_rank,
                    not_in_model, ungroup_modules)
 from .lora_header import LORA_ADAPTER_METADATA_KEY, checked_adapter_header
-from .lycoris import algorithm, dora_axis, param_of
+from .lycoris import MAGNITUDE, algorithm, dora_axis, param_of
 
-MAGNITUDE = "lora_magnitude_vector"
 # transformers >= 5's adapter loader, which diffusers uses for text encoders, renames peft's bare magnitude key
 # to `lora_magnitude_vector.<adapter>` and so never loads it (the parameter is `<adapter>.weight`); the key with
 # `.weight` loads there and in peft's own set_peft_model_state_dict, which the UNet goes through.

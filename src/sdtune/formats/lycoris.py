@@ -39,6 +39,7 @@ ALGORITHM_PARAMS: dict[str, tuple[str, ...]] = {
     "LoKr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
 }
 SHARED_PARAMS = ("alpha", "dora_scale")
+MAGNITUDE = "lora_magnitude_vector"  # peft's (and the diffusers layout's) name for DoRA's magnitude
 # What each algorithm's module must hold: per slot, the alternative sets of parameters that fill it.
 REQUIRED: dict[str, tuple[tuple[tuple[str, ...], ...], ...]] = {
     "LoRA": ((("lora_A.weight", "lora_B.weight"),),),
