@@ -206,7 +206,7 @@ def test_the_recorded_recipes_give_train_the_same_defaults():
         "data": shared, "train": {"steps": 400, "lr": 0.005, "batch_size": 4}, "lora": {"rank": 8, "targets": "attn,conv"}}
     assert training_defaults("builtin", "textual-inversion") == {
         "data": {**shared, "token": "<sks>"}, "train": {"steps": 300, "lr": 0.05, "batch_size": 4},
-        "textual-inversion": {"init_word": "circle"}}
+        "textual-inversion": {"init_word": "{class_word}"}}
     assert training_defaults("builtin", "dreambooth")["train"] == {"steps": 450, "lr": 0.0002, "batch_size": 4,
                                                                    "prior_preservation": True}
     assert training_defaults("tiny:sd1", "hypernetwork") == {}

@@ -44,15 +44,17 @@ def _simulate(board: Board, clock: FakeClock, works: list[JobWork]) -> list[tupl
     """Run the fake comparison; returns (elapsed, ETA) after every event."""
     seen = []
 
+    key = 0
+
     def tick(seconds: float, event: dict | None = None) -> None:
         clock.now += seconds
         if event:
-            board.event(event)
+            board.event(key, event)
         seen.append((clock.now - 1000.0, board.eta()))
 
     costs = {name: (steps, cost) for name, _, steps, cost in ROWS}
     for work in works:
-        board.start(work)
+        key = board.start(work)
         tick(START_S, {"event": "ready"})
         if work.image_kind == CLASS:  # the class-image job sends no events between ready and its end
             tick(CLASS_IMAGES * CLASS_STEPS * CLASS_S)
@@ -62,7 +64,7 @@ def _simulate(board: Board, clock: FakeClock, works: list[JobWork]) -> list[tupl
                 tick(BATCH * cost, {"event": "step", "step": step, "steps": steps})
             for done in range(24, EVAL_IMAGES + 1, 24):
                 tick(24 * SAMPLE_STEPS * STEP_S, {"event": "images", "done": done})
-        board.finish()
+        board.finish(key)
     return seen
 
 
@@ -94,8 +96,7 @@ def test_a_reused_job_is_not_taken_as_fast_work():
     clock, works = FakeClock(), _works()[:3]
     board = Board(works, enabled=False, clock=clock)
     for work in works[:2]:  # reused: no time passes, nothing is measured
-        board.start(work)
-        board.finish("reused")
+        board.finish(board.start(work), "reused")
     assert board.eta() is None  # nothing measured yet: no made-up number
 
 

@@ -91,8 +91,26 @@ def test_prompt_templates(tmp_path):
     assert method.prompt_templates(model) == ["{token} art"]
     caption, _ = _method(vectors=2, caption="my {token} thing")
     assert caption.prompt_templates(model) == ["my <sdtune-vector-0> <sdtune-vector-1> thing"]
-    with pytest.raises(SdtuneError, match="--caption"):  # a data template would train only the first vector
-        caption.check_data(model, DataConfig(token="<t>", prompt_template="a {token}"))
+
+
+def test_several_vectors_all_learn_from_captions(tmp_path, subject_dir):
+    """Captions' {token} spells out every vector (as the method's templates do), so with --use-captions each
+    vector is in every prompt and learns; the init word can be the subject's class word."""
+    folder = subject_dir
+    for i, image in enumerate(sorted(folder.glob("*.png"))):
+        image.with_suffix(".txt").write_text(f"a {{token}} {{class_word}} number {i}")
+    model = load("tiny:sd1")
+    method = TextualInversion(TextualInversionConfig(init_word="{class_word}", vectors=3))
+    table = model.text_encoder.get_input_embeddings().weight.detach().clone()
+    result = train(model, method, TrainConfig(steps=3, lr=5e-2, log_dir="none"),
+                   DataConfig(images=str(folder), token="<cat-toy>", class_word="toy", use_captions=True),
+                   tmp_path / "out", "cat", progress=False)
+    vectors = load_artifact(result.paths[0])[0]["<cat-toy>"]
+    start = table[model.tokenizer.convert_tokens_to_ids("toy</w>")]
+    assert method.init_word == "toy"
+    assert ((vectors - start).abs().amax(dim=1) > 1e-3).all(), "every vector moved from the class word's row"
+    with pytest.raises(SdtuneError, match="--class-word"):
+        TextualInversion(TextualInversionConfig(init_word="{class_word}")).check_data(model, DataConfig(token="<t>"))
     with pytest.raises(SdtuneError, match="must contain"):
         _method(caption="no token here")
 

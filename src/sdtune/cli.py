@@ -173,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--dino-model", help="DINO ViT folder or hub id for DINO, prior preservation and diversity "
                      "(own subjects)")
     cmp.add_argument("--fresh", action="store_true", help="retrain runs a previous compare into OUTPUT finished")
+    cmp.add_argument("--jobs", type=int, default=0, help="runs at a time (default 0: on a CPU with the builtin or a "
+                     "tiny model one per core, up to 4, each on its share of the threads; otherwise 1)")
     cmp.add_argument("--quiet", action="store_true", help="no progress display")
     cmp.add_argument("--output", default="out/compare", help="folder for the runs, results.json, report.md and "
                      "report.html (default: out/compare)")
@@ -353,7 +355,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     options = CompareOptions(str(_writable_folder(args.output)), args.model, args.model_config, args.images,
                              args.token, args.class_word, args.methods, args.seeds, args.config, args.clip_model,
-                             args.dino_model, args.fresh, not args.quiet, args.subjects)
+                             args.dino_model, args.fresh, not args.quiet, args.subjects, args.jobs)
     print(run_compare(options))
     return 0
 

@@ -94,7 +94,8 @@ def _train(model, method, train_cfg: TrainConfig, data_cfg: DataConfig, out_dir:
 
     # 2. Examples: latents and text conditioning computed once where nothing about them changes.
     templates = method.prompt_templates(model)
-    examples = build_training_set(model, data_cfg, train_cfg, accelerator, templates, class_records)
+    examples = build_training_set(model, data_cfg, train_cfg, accelerator, templates, class_records,
+                                  method.prompt_token(data_cfg.token))
     examples.fill_caches()  # encoders run now, not inside the first steps
     held_out = validation_loss.for_run(model, data_cfg, train_cfg, noise_scheduler, device,
                                        timestep_range(train_cfg, noise_scheduler.config.num_train_timesteps),

@@ -158,12 +158,13 @@ class TrainingSet:
 
 def build_training_set(model, data_cfg: DataConfig, train_cfg: TrainConfig, accelerator,
                        templates: list[str] | None = None,
-                       class_records: list[ImageRecord] | None = None) -> TrainingSet:
+                       class_records: list[ImageRecord] | None = None, prompt_token: str = "") -> TrainingSet:
     """Load the subject (and class) images and wrap them for the loop; `templates` (with {token} and
     {class_word}) replace the single instance template unless the user gave captions or a template.
     With prior preservation the class images are `class_records` (see class_images.prepare) or, when not
     given, the --class-images folder as it is; each is trained with its own caption (the prompt it was
-    generated from, or its .txt), else the class prompt."""
+    generated from, or its .txt), else the class prompt. `prompt_token` (default: the data's token) is what
+    {token} becomes in the instance prompts (Method.prompt_token)."""
     if not data_cfg.images:
         raise SdtuneError("No image folder given: pass --images DIR with the subject's pictures.")
     resolution = data_cfg.resolution or model.resolution
@@ -175,7 +176,8 @@ def build_training_set(model, data_cfg: DataConfig, train_cfg: TrainConfig, acce
                               random_crop=not data_cfg.center_crop, flip=data_cfg.flip,
                               repeats=data_cfg.repeats, buckets=data_cfg.buckets, seed=train_cfg.seed)
 
-    instance = dataset(load_image_folder(data_cfg.images), data_cfg.token, data_cfg.use_captions)
+    token = prompt_token or data_cfg.token
+    instance = dataset(load_image_folder(data_cfg.images), token, data_cfg.use_captions)
     class_stream = None
     if train_cfg.prior_preservation:
         if class_records is None:
@@ -189,7 +191,7 @@ def build_training_set(model, data_cfg: DataConfig, train_cfg: TrainConfig, acce
     cache = train_cfg.cache_latents and not instance.augmentation_is_random
     filled = None
     if templates and not data_cfg.prompt_template and not data_cfg.use_captions:
-        filled = [t.replace("{token}", data_cfg.token).replace("{class_word}", data_cfg.class_word) for t in templates]
+        filled = [t.replace("{token}", token).replace("{class_word}", data_cfg.class_word) for t in templates]
     prompt = filled[0] if filled else instance.prompts[0]
     return TrainingSet(model, ExampleStream(instance, train_cfg.seed, train_cfg.batch_size), class_stream,
                        train_cfg.seed, accelerator.device, cache, prompt, filled)

@@ -9,6 +9,7 @@ training) or, failing that, from every measured second per "pass" (one UNet pass
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -99,60 +100,67 @@ class Rates:
 
 
 class Board:
-    """Progress over all jobs; `start` a job, feed it the worker's events, then `finish` it.
+    """Progress over all jobs, several of which may run at once: `start` a job (which returns its key), feed
+    it the worker's events, then `finish` it. Safe to call from one thread per running job.
 
     On a terminal it is one redrawn bar; in a log it is a line per finished job and at most one more every
-    LINE_SECONDS (sdtune.progress), so a long comparison's log stays short."""
+    LINE_SECONDS (sdtune.progress), so a long comparison's log stays short. Rates are measured per job, so
+    with `lanes` jobs running side by side the work left takes 1/lanes of its price."""
 
     def __init__(self, works: list[JobWork], enabled: bool = True, stream: TextIO | None = None,
-                 clock: Callable[[], float] = time.monotonic):
-        self._stream, self._clock, self._enabled = stream or sys.stderr, clock, enabled
+                 clock: Callable[[], float] = time.monotonic, lanes: int = 1):
+        self._stream, self._clock, self._enabled, self._lanes = stream or sys.stderr, clock, enabled, max(1, lanes)
         self._todo: dict[str, float] = {}
         for work in works:
             for kind, units in work.units.items():
                 self._todo[kind] = self._todo.get(kind, 0.0) + units
         self._rates = Rates()
         self._count, self._index, self._started = len(works), 0, clock()
-        self._work: JobWork | None = None
-        self._done: dict[str, float] = {}  # units of the current job done so far
-        self._mark = self._started  # when the current job's last progress was credited
+        self._running: dict[int, _Running] = {}
+        self._lock = threading.Lock()
         self._bar = self._terminal_bar() if enabled and is_terminal(self._stream) else None
         self._last_line = self._started
 
-    def start(self, work: JobWork, note: str = "") -> None:
-        """Begin a job (its start-up is timed until the worker's "ready" event)."""
-        self._index += 1
-        self._work, self._done, self._mark = work, {}, self._clock()
-        self._show(note or "starting")
+    def start(self, work: JobWork, note: str = "") -> int:
+        """Begin a job (its start-up is timed until the worker's "ready" event); returns its key."""
+        with self._lock:
+            self._index += 1
+            self._running[self._index] = _Running(work, self._index, self._clock())
+            self._show(self._index, note or "starting")
+            return self._index
 
-    def event(self, event: dict) -> None:
-        """Advance by a worker event: {"event": "ready"}, {"event": "step", step, steps} or
+    def event(self, key: int, event: dict) -> None:
+        """Advance job `key` by a worker event: {"event": "ready"}, {"event": "step", step, steps} or
         {"event": "images", done} (images generated so far in this job)."""
-        work, kind = self._work, event.get("event")
-        if work is None:
-            return
-        if kind == "ready":
-            self._credit(START, 1)
-            self._show("loaded")
-        elif kind == "step" and work.train_kind:
-            self._credit(work.train_kind, event["step"] * work.per_step)
-            self._show(f"train step {event['step']}/{event['steps']}")
-        elif kind == "images":
-            self._credit(work.image_kind, event["done"] * work.per_image)
-            self._show(f"evaluate, {event['done']} images")
+        with self._lock:
+            job = self._running.get(key)
+            kind = event.get("event")
+            if job is None:
+                return
+            if kind == "ready":
+                self._credit(job, START, 1)
+                self._show(key, "loaded")
+            elif kind == "step" and job.work.train_kind:
+                self._credit(job, job.work.train_kind, event["step"] * job.work.per_step)
+                self._show(key, f"train step {event['step']}/{event['steps']}")
+            elif kind == "images":
+                self._credit(job, job.work.image_kind, event["done"] * job.work.per_image)
+                self._show(key, f"evaluate, {event['done']} images")
 
-    def finish(self, status: str = "done") -> None:
-        """End the current job: what is left of it is done (a reused or failed job is not timed)."""
-        work = self._work
-        if work is not None:
-            left = {k: u - self._done.get(k, 0.0) for k, u in work.units.items() if u > self._done.get(k, 0.0)}
+    def finish(self, key: int, status: str = "done") -> None:
+        """End job `key`: what is left of it is done (a reused or failed job is not timed)."""
+        with self._lock:
+            job = self._running.get(key)
+            if job is None:
+                return
+            left = {k: u - job.done.get(k, 0.0) for k, u in job.work.units.items() if u > job.done.get(k, 0.0)}
             if status == "done" and len(left) == 1:  # work that sent no events (class images) is timed whole
-                self._credit(next(iter(left)), float("inf"))
+                self._credit(job, next(iter(left)), float("inf"))
                 left = {}
             for kind, units in left.items():  # not timed: a reused run took no time, a failed one is no guide
                 self._todo[kind] -= units
-            self._show(status, force=True)
-        self._work = None
+            self._show(key, status, force=True)
+            del self._running[key]
 
     def close(self) -> None:
         """Leave the terminal bar where it ended."""
@@ -161,26 +169,28 @@ class Board:
 
     def eta(self) -> float | None:
         """Seconds left for all jobs at the measured rates (None before anything was measured)."""
-        return self._rates.remaining(self._todo)
+        left = self._rates.remaining(self._todo)
+        return None if left is None else left / self._lanes
 
-    def _credit(self, kind: str, done: float) -> None:
-        """The current job has done `done` units of `kind`: time since the last credit is their cost."""
+    def _credit(self, job: _Running, kind: str, done: float) -> None:
+        """`job` has done `done` units of `kind`: time since its last credit is their cost."""
         now = self._clock()
-        units = min(done, self._work.units.get(kind, 0.0)) - self._done.get(kind, 0.0)
+        units = min(done, job.work.units.get(kind, 0.0)) - job.done.get(kind, 0.0)
         if units <= 0:
             return
-        self._rates.add(kind, units, now - self._mark)
+        self._rates.add(kind, units, now - job.mark)
         self._todo[kind] = self._todo.get(kind, 0.0) - units
-        self._done[kind] = self._done.get(kind, 0.0) + units
-        self._mark = now
+        job.done[kind] = job.done.get(kind, 0.0) + units
+        job.mark = now
 
-    def _show(self, what: str, force: bool = False) -> None:
+    def _show(self, key: int, what: str, force: bool = False) -> None:
         if not self._enabled:
             return
-        label = self._work.label if self._work else ""
+        job = self._running[key]
         now = self._clock()
         elapsed, left = now - self._started, self.eta()
-        text = f"[{self._index}/{self._count}] {label}: {what}"
+        others = len(self._running) - 1
+        text = f"[{job.index}/{self._count}] {job.work.label}: {what}" + (f" (+{others} running)" if others else "")
         timing = f"elapsed {duration(elapsed)}, ETA {duration(left) if left is not None else '?'}"
         if self._bar is not None:
             self._bar.n = round(1000 * elapsed / (elapsed + left)) if left is not None and elapsed + left else 0
@@ -195,3 +205,13 @@ class Board:
 
         return tqdm(total=1000, file=self._stream, dynamic_ncols=True,
                     bar_format="{desc} {percentage:3.0f}%|{bar}| {postfix}")
+
+
+@dataclass
+class _Running:
+    """A started job: its work, start number, units done so far and when its last progress was credited."""
+
+    work: JobWork
+    index: int
+    mark: float
+    done: dict[str, float] = field(default_factory=dict)

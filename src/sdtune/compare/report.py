@@ -87,12 +87,18 @@ def _summary(results: dict) -> str:
     words = f"token `{subject['token']}`, class word `{subject['class_word']}`"
     where = _subjects_text(results, words) if results["profile"] == "builtin" else \
         f"the images in `{opts['images']}` ({words})"
-    seeds, threads = results["seeds"], results["machine"]["torch_threads"]
+    seeds, machine = results["seeds"], results["machine"]
     return (f"Model `{opts['model']}`, {where}; "
             f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))}); the whole comparison "
-            f"took {results['wall_time_s']:.0f} s{_reused(results)} on {results['machine']['cpu']} "
-            f"({threads} thread{'s' if threads != 1 else ''}, accelerator: {results['machine']['accelerator']}); "
-            f"{results['created']}.")
+            f"took {results['wall_time_s']:.0f} s{_reused(results)} on {machine['cpu']} ({_lanes_text(machine)}, "
+            f"accelerator: {machine['accelerator']}); {results['created']}.")
+
+
+def _lanes_text(machine: dict) -> str:
+    """"2 runs at a time, 1 thread each" (older results: only the thread count)."""
+    threads, runs = machine["torch_threads"], machine.get("runs_at_once", 1)
+    each = f"{threads} thread{'s' if threads != 1 else ''}"
+    return f"{runs} runs at a time, {each} each" if runs > 1 else each
 
 
 def _subjects_text(results: dict, words: str) -> str:

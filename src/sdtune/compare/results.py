@@ -20,7 +20,8 @@ COSTS = ("wall_time_s", "peak_memory_bytes", "trainable_params", "artifact_bytes
 LIBRARIES = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "numpy", "matplotlib")
 
 
-def assemble(parts: list, options: dict, runs: dict[tuple[str, str, int], dict], out: Path, seconds: float) -> dict:
+def assemble(parts: list, options: dict, runs: dict[tuple[str, str, int], dict], out: Path, seconds: float,
+             lanes=None) -> dict:
     """The whole comparison as plain data (what results.json holds and the report is built from): per subject
     its rows, floor (the base model) and ceiling; `rows` are the first subject's, or pooled over several."""
     seeds = sorted({seed for _, _, seed in runs})
@@ -44,7 +45,7 @@ def assemble(parts: list, options: dict, runs: dict[tuple[str, str, int], dict],
         "class_images": subjects[0]["class_images"],
         "subjects": subjects,
         "rows": _pooled_rows(subjects, [evidence for _, evidence in made]) if pool else subjects[0]["rows"],
-        "machine": machine(),
+        "machine": machine(lanes),
         "versions": versions(),
     }
 
@@ -167,12 +168,14 @@ def _spread(values: list) -> dict | None:
     return {"mean": _clean(float(np.mean(values))), "min": min(values), "max": max(values), "values": values}
 
 
-def machine() -> dict:
-    """What ran the comparison: CPU, cores, threads, memory and the accelerator if any."""
+def machine(lanes=None) -> dict:
+    """What ran the comparison: CPU, cores, runs at once and threads per run (`lanes`, runner.Lanes; default
+    one run on torch's threads), memory and the accelerator if any."""
     import torch
 
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpu": _cpu_name(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "runs_at_once": lanes.count if lanes else 1,
+            "torch_threads": lanes.threads if lanes else torch.get_num_threads(),
             "memory_gib": _memory_gib(), "accelerator": "none"}
     if torch.cuda.is_available():
         info["accelerator"] = torch.cuda.get_device_name(0)

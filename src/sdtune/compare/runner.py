@@ -52,6 +52,7 @@ class CompareOptions:
     fresh: bool = False
     progress: bool = True
     subjects: str = ""
+    jobs: int = 0  # runs at a time (0: as many as suit this machine, see default_lanes)
 
 
 @dataclass
@@ -83,18 +84,17 @@ def run_compare(opts: CompareOptions) -> Path:
     profile = profile_for(opts.model, opts.images)
     parts = [_part(opts, profile, subject, out) for subject in _subjects(opts, profile)]
     jobs = [job for part in parts for job in make_jobs(part.plan, opts, part.images, out, part.name)]
-    board = Board([job_work(job) for job in jobs], opts.progress)
-    runs: dict[tuple[str, str, int], dict] = {}
+    lanes = Lanes.for_machine(opts.jobs, opts.model)
+    board = Board([job_work(job) for job in jobs], opts.progress, lanes=lanes.count)
     try:
-        for job in jobs:
-            runs[(job["subject"], job["row"], job["seed"])] = run_job(job, out / "logs", board, opts.fresh)
+        runs = run_jobs(jobs, out / "logs", board, lanes, opts.fresh)
     finally:
         board.close()
     vae = _ceiling_vae(opts, profile)
     for part in parts:
         part.judge = make_judge(part.plan, opts, part.images, part.subject)
         part.ceiling = part.judge.ceiling(vae, part.plan.evaluation.images_per_prompt) if vae else None
-    results = assemble(parts, asdict(opts), runs, out, time.time() - started)
+    results = assemble(parts, asdict(opts), runs, out, time.time() - started, lanes)
     return write_report(out, results)
 
 
@@ -199,22 +199,88 @@ def make_jobs(plan: Plan, opts: CompareOptions, subject: Path, out: Path, name: 
     return jobs
 
 
-def run_job(job: dict, logs: Path, board: Board, fresh: bool = False) -> dict:
+@dataclass(frozen=True)
+class Lanes:
+    """How many runs go at once and how many CPU threads each gets.
+
+    On a CPU, runs side by side on a thread each beat one run on every thread: on the 2-core development
+    machine a LoRA step took the same time on one thread as on two, and two single-thread runs at once did
+    twice the work (BENCHMARKS.md). On a GPU runs go one at a time, so each has the card to itself and its
+    time and memory are its own."""
+
+    count: int
+    threads: int
+
+    @classmethod
+    def for_machine(cls, asked: int, model: str) -> Lanes:
+        import torch
+
+        if asked < 0:
+            raise SdtuneError(f"--jobs is {asked}; give 1 or more (or 0 for as many as suit this machine).")
+        cores = os.cpu_count() or 1
+        if torch.cuda.is_available():
+            count = asked or 1
+        else:
+            # Each run holds its own copy of the model: a big one on a CPU goes alone unless asked otherwise.
+            count = asked or (min(cores, MAX_CPU_LANES) if model.startswith(SMALL_MODELS) else 1)
+        return cls(count, max(1, cores // count))
+
+
+MAX_CPU_LANES = 4  # beyond this, one run's threads are worth more than another run (and memory adds up)
+SMALL_MODELS = ("builtin", "tiny:")  # models of a few million parameters (< 1 GB per run)
+
+
+def run_jobs(jobs: list[dict], logs: Path, board: Board, lanes: Lanes, fresh: bool = False
+             ) -> dict[tuple[str, str, int], dict]:
+    """Run every job, `lanes.count` at a time, in the given order except that a row waits for the class
+    images it trains with; returns each job's result by (subject, row, seed)."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    needs = {id(job): _class_folder(job) for job in jobs}
+    makes = {_class_folder(job): id(job) for job in jobs if job["kind"] == "class-images"}
+    finished: set[int] = set()
+    pending, running, runs = list(jobs), {}, {}
+    with ThreadPoolExecutor(lanes.count) as pool:
+        try:
+            while pending or running:
+                ready = [job for job in pending if job["kind"] == "class-images" or
+                         makes.get(needs[id(job)], id(job)) in finished | {id(job)}]
+                for job in ready[:lanes.count - len(running)]:
+                    pending.remove(job)
+                    running[pool.submit(run_job, job, logs, board, fresh, lanes.threads)] = job
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    job = running.pop(future)
+                    finished.add(id(job))
+                    runs[(job["subject"], job["row"], job["seed"])] = future.result()
+        except BaseException:
+            pending.clear()  # start nothing new; each running job's thread kills its own process
+            raise
+    return {(job["subject"], job["row"], job["seed"]): runs[(job["subject"], job["row"], job["seed"])]
+            for job in jobs}
+
+
+def _class_folder(job: dict) -> str:
+    """The class-image folder a job makes or trains with ("" for none)."""
+    return str((job.get("data") or {}).get("class_images") or "")
+
+
+def run_job(job: dict, logs: Path, board: Board, fresh: bool = False, threads: int = 0) -> dict:
     """Run one worker job in a subprocess (or reuse its finished folder); returns its result or {"error"}.
     A reused result says so ("reused": true), so the report does not pass this invocation's time off as
-    the comparison's."""
+    the comparison's. `threads`: the CPU threads the run may use (0: torch's default)."""
     folder = Path(job["out"])
-    board.start(job_work(job))
+    key = board.start(job_work(job))
     if not fresh and _finished(folder, job):
-        board.finish("reused")
+        board.finish(key, "reused")
         return {**json.loads((folder / "result.json").read_text()), "reused": True}
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / f"{job['subject'] + '-' if job.get('subject') else ''}{job['row']}-seed-{job['seed']}.log"
     error = ""
-    # Idle OpenMP threads sleep instead of spinning: on a CPU shared with other work, spinning threads made
-    # torch 10-100x slower here (FINDINGS); on a quiet CPU it costs nothing measurable.
-    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "DIFFUSERS_VERBOSITY": "error",
-           "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "DIFFUSERS_VERBOSITY": "error", "TRANSFORMERS_VERBOSITY": "error",
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore"}
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     with open(log_path, "w", encoding="utf-8") as log:
         process = subprocess.Popen([sys.executable, "-m", "sdtune.compare.worker"], stdin=subprocess.PIPE,
                                    stdout=subprocess.PIPE, stderr=log, text=True, env=env)
@@ -225,7 +291,7 @@ def run_job(job: dict, logs: Path, board: Board, fresh: bool = False) -> dict:
                 if line.startswith(EVENT):
                     event = json.loads(line[len(EVENT):])
                     error = event.get("message", error) if event.get("event") == "error" else error
-                    board.event(event)
+                    board.event(key, event)
                 else:
                     log.write(line)
             code = process.wait()
@@ -234,9 +300,9 @@ def run_job(job: dict, logs: Path, board: Board, fresh: bool = False) -> dict:
             process.wait()
             raise
     if code == 0 and (folder / "result.json").is_file():
-        board.finish()
+        board.finish(key)
         return json.loads((folder / "result.json").read_text())
-    board.finish("failed")
+    board.finish(key, "failed")
     return {"error": error or f"{_last_line(log_path)} (exit status {code}; log: {log_path})"}
 
 

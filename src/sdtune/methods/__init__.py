@@ -117,6 +117,11 @@ class Method(abc.ABC):
         """Per-sample prompt wordings instead of the data's one instance template (None: the data's)."""
         return None
 
+    def prompt_token(self, token: str) -> str:
+        """The words that stand for the subject's token wherever a training prompt says {token} (captions,
+        templates): the token itself unless the method spreads it over several words."""
+        return token
+
     def planned_files(self, model, name: str) -> dict[str, dict[str, torch.Tensor]] | None:
         """What `save` writes, by file, computable on a meta-device model (sdtune bench sizes a full-size artifact
         from it without memory); None: small enough that bench writes the real files."""

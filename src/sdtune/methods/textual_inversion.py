@@ -45,13 +45,15 @@ ALIAS = "<sdtune-vector-{}>"  # training-only names of the vectors, used in expa
 
 TOKEN_SETTING = "--token, or Token in the web UI"  # where users set it, named in the errors
 NEW_WORD = "<{token}>"  # the subject's word ({token}) as one the tokenizer does not know yet
+CLASS_WORD = "{class_word}"  # in --init-word: the subject's class word
 
 
 @dataclass
 class TextualInversionConfig:
     """Textual Inversion's own settings (the token is --token)."""
 
-    init_word: str = opt("*", "a word that is ONE token for the base model; the vectors start from its embedding")
+    init_word: str = opt("*", "a word that is ONE token for the base model; the vectors start from its embedding "
+                              "({class_word}: the subject's class word)")
     vectors: int = opt(1, "vectors learned for the token (each takes one place in the 77-token prompt)",
                        min=1, max=64)
     learnable_property: str = opt("object", "what the token stands for; picks the prompt templates",
@@ -158,13 +160,14 @@ class TextualInversion(Method):
     # builtin: measured on the builtin model (BENCHMARKS.md).
     compare_rows = (CompareRow("textual-inversion", "#2ca02c", {
         "builtin": {"token": NEW_WORD, "train": {"steps": 300, "lr": 5.0e-2, "batch_size": 4},
-                    "textual-inversion": {"init_word": "circle"}},
+                    "textual-inversion": {"init_word": "{class_word}"}},
         "real": {"token": NEW_WORD, "train": {"steps": 3000, "lr": 5.0e-3, "batch_size": 1}},
     }),)
 
     def __init__(self, cfg: TextualInversionConfig | None = None, token: str = ""):
         self.cfg = cfg or TextualInversionConfig()
         self.token = token
+        self.init_word = self.cfg.init_word  # {class_word} filled in by check_data
 
     # Training -----------------------------------------------------------------------------------------------
     def check_data(self, model, data_cfg) -> None:
@@ -173,10 +176,10 @@ class TextualInversion(Method):
         self.token = data_cfg.token
         if self.cfg.caption and "{token}" not in self.cfg.caption:
             raise SdtuneError("--caption must contain {token}, where the new word goes.")
-        if self.cfg.vectors > 1 and (data_cfg.prompt_template or data_cfg.use_captions):
-            raise SdtuneError(f"With --vectors {self.cfg.vectors}, prompts must come from the method's templates "
-                              "(they spell out every vector); drop --prompt-template/--use-captions and give "
-                              "your own template with --caption.")
+        if CLASS_WORD in self.cfg.init_word:
+            if not data_cfg.class_word:
+                raise SdtuneError(f"--init-word {self.cfg.init_word} starts from the class word: give --class-word.")
+            self.init_word = self.cfg.init_word.replace(CLASS_WORD, data_cfg.class_word)
 
     def setup(self, model) -> list[torch.nn.Parameter]:
         """Freeze the model, add the token's names to the tokenizer(s), return the new vectors (one [N, D]
@@ -193,9 +196,9 @@ class TextualInversion(Method):
         encoders = text_encoders(model)
         init_ids = {}
         for component, _, tokenizer in encoders:
-            ids = _ids(tokenizer, self.cfg.init_word)
+            ids = _ids(tokenizer, self.init_word)
             if len(ids) != 1:
-                raise SdtuneError(f"--init-word '{self.cfg.init_word}' became {len(ids)} tokens for this model's "
+                raise SdtuneError(f"--init-word '{self.init_word}' became {len(ids)} tokens for this model's "
                                   "tokenizer; Textual Inversion starts from one token, so pick a single common word.")
             init_ids[component] = ids[0]
             for name in names:
@@ -225,10 +228,11 @@ class TextualInversion(Method):
             if isinstance(own, dict):
                 own = own.get(self.cfg.learnable_property)
             templates = list(own or TEMPLATES[self.cfg.learnable_property])
-        if self.cfg.vectors > 1:
-            spelled = " ".join(ALIAS.format(i) for i in range(self.cfg.vectors))
-            templates = [t.replace("{token}", spelled) for t in templates]
-        return templates
+        return [t.replace("{token}", self.prompt_token("{token}")) for t in templates]
+
+    def prompt_token(self, token: str) -> str:
+        """Several vectors: one alias per vector, so every vector is in every training prompt (captions too)."""
+        return " ".join(ALIAS.format(i) for i in range(self.cfg.vectors)) if self.cfg.vectors > 1 else token
 
     def _trained(self, model) -> dict[str, NewTokenEmbedding]:
         found = {c: enc.get_input_embeddings() for c, enc, _ in text_encoders(model)}
@@ -248,7 +252,7 @@ class TextualInversion(Method):
                 modules[component].added.weight.copy_(tensor)
 
     def metadata(self) -> dict[str, str]:
-        return {"token": self.token, "vectors": str(self.cfg.vectors), "init_word": self.cfg.init_word,
+        return {"token": self.token, "vectors": str(self.cfg.vectors), "init_word": self.init_word,
                 "property": self.cfg.learnable_property, "caption": self.cfg.caption}
 
     def usage(self, model: str, out_dir: Path, name: str, token: str) -> str:
