@@ -75,3 +75,30 @@ def test_the_textual_inversion_token_refusal_names_where_to_set_it_in_the_cli_an
                  "--class-word", "circle", "--output", str(tmp_path / "out"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "'sks' is already a token" in err and "--token" in err and "Token in the web UI" in err
+
+
+def test_a_lora_variant_on_builtin_trains_with_its_own_compare_row(capsys):
+    """`--algo loha` (or `--dora`) on the builtin model starts from the loha (lora-dora) row's recipe, not plain
+    LoRA's: the rate the comparison measured for that algorithm."""
+    from sdtune.compare.recipes import training_defaults
+
+    assert training_defaults("builtin", "lora", {"algo": "loha"})["train"]["lr"] == 1e-2
+    assert training_defaults("builtin", "lora", {"algo": "lokr"})["lora"]["lokr_factor"] == 4
+    assert training_defaults("builtin", "lora", {"dora": True})["lora"]["dora"] is True
+    assert training_defaults("builtin", "lora", {"rank": 4})["train"]["lr"] == 5e-3  # not a recipe key
+    with pytest.raises(SystemExit):
+        main(["train", "lora", "--help"])
+    assert "pick the compare row whose recipe is used (lora, loha, lokr, lora-dora)" in \
+        " ".join(capsys.readouterr().out.split())
+
+
+def test_train_lora_algo_loha_on_builtin_records_the_loha_rate(tmp_path, capsys, monkeypatch):
+    from safetensors import safe_open
+
+    monkeypatch.setenv("SDTUNE_MAX_STEPS", "1")
+    folder = _subject(tmp_path, capsys)
+    assert main(["train", "lora", "--algo", "loha", "--model", "builtin", "--images", str(folder),
+                 "--output", str(tmp_path / "out"), "--quiet"]) == 0
+    with safe_open(tmp_path / "out" / "sks.safetensors", "pt") as f:
+        config = json.loads(f.metadata()["config"])
+    assert config["TrainConfig"]["lr"] == 1e-2 and config["LoRAConfig"]["algo"] == "loha"

@@ -233,8 +233,14 @@ def _field_help(f: dataclasses.Field) -> str:
 def _builtin_defaults_text(method: str) -> str:
     from .compare.recipes import describe_defaults, training_defaults
 
+    from . import methods
+
+    cls = methods.get(method)
+    rows = ", ".join(row.name for row in methods.rows_of(cls))
+    picked = (f" {' and '.join('--' + k.replace('_', '-') for k in cls.recipe_keys)} pick the compare row whose "
+              f"recipe is used ({rows}).") if cls.recipe_keys else ""
     return (f"With --model builtin (the default) the defaults are the builtin model's recipe, the one `sdtune "
-            f"compare` measured: {describe_defaults(training_defaults('builtin', method))}. "
+            f"compare` measured: {describe_defaults(training_defaults('builtin', method))}.{picked} "
             "The defaults shown above are for real Stable Diffusion models.").replace("%", "%%")
 
 
@@ -274,9 +280,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .compare.recipes import merge, training_defaults
 
     method_cls = methods.get(args.method)
-    # The model's recipe, then the config file, then the flags (each overrides the one before).
-    file_values = merge(training_defaults(args.model, args.method),
-                        load_config_file(args.config) if args.config else {})
+    # The model's recipe, then the config file, then the flags (each overrides the one before); the method
+    # settings given pick the recipe (`--algo loha` gets the loha row's).
+    config = load_config_file(args.config) if args.config else {}
+    chosen = _section(args, method_cls.config_class, config.get(args.method, {}))
+    file_values = merge(training_defaults(args.model, args.method, chosen), config)
     data_cfg = build(DataConfig, _section(args, DataConfig, file_values.get("data", {})), "data")
     train_cfg = _capped(build(TrainConfig, _section(args, TrainConfig, file_values.get("train", {})), "train"))
     method_cfg = build(method_cls.config_class,

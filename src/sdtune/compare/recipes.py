@@ -105,19 +105,40 @@ def profile_recipe(profile: str) -> dict:
     return recipe
 
 
-def training_defaults(model: str, method: str) -> dict:
+def training_defaults(model: str, method: str, chosen: dict | None = None) -> dict:
     """`sdtune train METHOD`'s defaults on `model`, in config-file shape ({"data": ..., "train": ..., METHOD:
     ...}): on the builtin model its profile's row for the method (the recipe the comparison measured; the
-    library's defaults are for real models and learn nothing on it), elsewhere nothing."""
+    library's defaults are for real models and learn nothing on it), elsewhere nothing. `chosen`: the
+    method settings the user gave, which pick among the method's rows (see Method.recipe_keys)."""
     if model != "builtin":
         return {}
     profile = profile_recipe("builtin")
-    row = profile.get("rows", {}).get(method) or {}
+    row = _recipe_row(profile.get("rows", {}), method, chosen or {})
     out = {"data": {k: v for k, v in profile.get("data", {}).items() if k in DATA_DEFAULT_KEYS},
            "train": dict(row.get("train", {})), method: dict(row.get(method, {}))}
     if "token" in row:
         out["data"]["token"] = row["token"].replace("{token}", DataConfig().token)
     return out
+
+
+def _recipe_row(rows: dict, method: str, chosen: dict) -> dict:
+    """The method's row whose recipe keys agree with `chosen` (unset keys at the settings' defaults), else the
+    row named after the method."""
+    from dataclasses import asdict
+
+    from .. import methods
+
+    cls = methods.get(method)
+    defaults = asdict(cls.config_class())
+
+    def picks(settings: dict) -> dict:
+        return {key: settings.get(key, defaults[key]) for key in cls.recipe_keys}
+
+    if cls.recipe_keys:
+        for row in rows.values():
+            if row.get("method") == method and picks(row.get(method) or {}) == picks(chosen):
+                return row
+    return rows.get(method) or {}
 
 
 def command_defaults(model: str, method: str) -> dict:

@@ -68,6 +68,9 @@ class Method(abc.ABC):
     a1111_hash_field: ClassVar[str] = ""
     a1111_hash: ClassVar[str] = "file"  # or "tensors"
     compare_rows: ClassVar[tuple[CompareRow, ...]] = ()  # () : one row named after the method, default settings
+    # Settings whose values pick which compare row gives `sdtune train`'s builtin defaults (LoRA: algo, dora;
+    # `--algo loha` trains with the loha row's recipe); the row named after the method when none matches.
+    recipe_keys: ClassVar[tuple[str, ...]] = ()
 
     cfg: Any
 

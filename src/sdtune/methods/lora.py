@@ -124,6 +124,8 @@ class LoRA(Method):
             "real": {"train": {"steps": 800, "lr": 1.0e-4, "batch_size": 1}, "lora": {"rank": 4, "dora": True}}}, in_default=False),
     )
 
+    recipe_keys = ("algo", "dora")
+
     def __init__(self, cfg: LoRAConfig | None = None):
         self.cfg = cfg or LoRAConfig()
         check_settings(self.cfg)  # before anything loads or trains

@@ -169,7 +169,7 @@ def build_configs(request: TrainRequest, model: str = "") -> tuple:
     images = request.images.strip()
     if not images:
         raise SdtuneError("Choose an image folder or upload images before starting a training.")
-    defaults = training_defaults(model, request.method)
+    defaults = training_defaults(model, request.method, dict(request.method_settings))
     data_values = {"images": images, "token": request.token.strip(), "class_word": request.class_word.strip()}
     data_cfg = build(DataConfig, merge(defaults.get("data", {}), data_values), "data")
     train_cfg = build(TrainConfig, merge(defaults.get("train", {}), dict(request.train)), "train")
