@@ -26,10 +26,10 @@ def _write(model: SDModel, path, metadata: dict[str, str] | None = None):
     return path
 
 
-def _small_real(family: str) -> SDModel:
+def _small_real(family: str, text_layers: int = 2) -> SDModel:
     """A small model built by the published families' rules (CLIP's 49408-token vocabulary, 64-channel heads,
     SD1's 8 UNet heads), unlike tiny:*, whose head counts no rule can recover from shapes."""
-    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers, num_attention_heads=1,
                 max_position_embeddings=77, projection_dim=64, vocab_size=49408)
     unet = dict(block_out_channels=(64, 128), layers_per_block=1, sample_size=8, norm_num_groups=32,
                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -93,6 +93,15 @@ def test_a_tiny_checkpoint_loads_as_its_tiny_architecture(tmp_path, family):
     assert loaded.unet.config.attention_head_dim == original.unet.config.attention_head_dim
     assert loaded.resolution == original.resolution
     np.testing.assert_array_equal(_image(loaded), _image(original))
+
+
+def test_sd2_conditions_on_the_penultimate_block_of_a_whole_openclip_tower(tmp_path):
+    """SD 2.x files carry OpenCLIP-H's 24 blocks and use 23 (LDM's `layer: penultimate`), as diffusers does."""
+    whole = _small_real("sd2", text_layers=24)
+    loaded = load(str(_write(whole, tmp_path / "sd2.safetensors")))
+    assert loaded.text_encoder.config.num_hidden_layers == 23
+    got, want = loaded.text_encoder.state_dict(), whole.text_encoder.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in got) and any(".23." in k for k in want)
 
 
 def test_the_tokenizers_are_clips_own():
