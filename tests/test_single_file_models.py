@@ -180,3 +180,27 @@ def test_files_that_are_not_checkpoints_are_refused_in_one_sentence(tmp_path, ca
     truncated = tmp_path / "cut.safetensors"
     truncated.write_bytes((tmp_path / "unet_vae.safetensors").read_bytes()[:5000])
     assert "cut.safetensors" in _error(capsys, truncated)
+
+
+def _per_block(value, n: int) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value] * n
+
+
+@pytest.mark.parametrize("spec", ["random:sd15", "random:sd2", "random:sdxl"])
+def test_full_size_layouts_are_read_as_the_published_architectures(spec):
+    """On the meta device (names and shapes only): SD 1.5, SD 2.x and SDXL base files are read back as the
+    published configurations, heads included (SDXL's 1/2/10-deep transformers, SD2's 64-channel heads)."""
+    from sdtune.checkpoint_arch import detect_family, infer_architecture
+    from sdtune.model import build_from_config
+
+    model = build_from_config(spec, device="meta")
+    arch = infer_architecture(to_checkpoint(model), detect_family(to_checkpoint(model), spec))
+    assert arch["family"] == model.family
+    unet, n = model.unet.config, len(model.unet.config.block_out_channels)
+    for field in ("attention_head_dim", "transformer_layers_per_block", "block_out_channels", "layers_per_block",
+                  "cross_attention_dim", "use_linear_projection", "down_block_types", "up_block_types"):
+        assert _per_block(arch["unet"][field], n) == _per_block(unet[field], n), field
+    assert arch["unet"].get("addition_time_embed_dim") == unet.get("addition_time_embed_dim")
+    fields = ("num_attention_heads", "num_hidden_layers", "hidden_act", "hidden_size", "intermediate_size")
+    for text, encoder in zip(arch["text"], model.text_encoders):
+        assert {k: getattr(encoder.config, k) for k in fields} == {k: text[k] for k in fields}

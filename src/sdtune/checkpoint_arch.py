@@ -54,8 +54,8 @@ def detect_family(sd: Mapping[str, torch.Tensor], name: str) -> str:
     if "sdxl" in found:
         return "sdxl"
     if has("conditioner.embedders.0.model."):
-        raise SdtuneError(f"{name} is an SDXL refiner (one OpenCLIP text encoder); sdtune trains and generates "
-                          "with base models only.")
+        raise SdtuneError(f"{name} has a single OpenCLIP text encoder under conditioner.embedders.0 (an SDXL "
+                          "refiner, or SD 2.x in the SGM layout), which sdtune does not load; use a base model.")
     if len(found) != 1:
         raise SdtuneError(f"{name} has no text encoder sdtune knows (cond_stage_model.transformer.* for SD 1.x, "
                           "cond_stage_model.model.* for SD 2.x, conditioner.embedders.* for SDXL).")

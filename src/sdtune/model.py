@@ -117,7 +117,8 @@ def _plain(config) -> dict:
 # Loading ----------------------------------------------------------------------------------------------------
 
 def load(spec: str, dtype: torch.dtype | None = None, config: str | None = None) -> SDModel:
-    """Load a model from a spec; `config` is a local diffusers folder for offline single-file loading."""
+    """Load a model from a spec; `config`, a local diffusers folder, overrides the architecture a single-file
+    checkpoint is otherwise read as (see single_file)."""
     spec = str(spec)
     if spec == "builtin":
         from .toyworld import builtin_path
