@@ -177,6 +177,9 @@ def test_files_that_are_not_checkpoints_are_refused_in_one_sentence(tmp_path, ca
     xl_text = {k: v for k, v in to_checkpoint(load("tiny:sdxl")).items() if k.startswith("conditioner.")}
     save_file({**{k: v for k, v in sd.items() if not k.startswith("cond_stage_model.")}, **xl_text}, str(mixed))
     assert "mixes parts of different models" in _error(capsys, mixed)
+    partial = tmp_path / "partial.safetensors"
+    save_file({k: v for k, v in sd.items() if k != "model.diffusion_model.input_blocks.0.0.weight"}, str(partial))
+    assert "input_blocks.0.0.weight" in _error(capsys, partial)
     truncated = tmp_path / "cut.safetensors"
     truncated.write_bytes((tmp_path / "unet_vae.safetensors").read_bytes()[:5000])
     assert "cut.safetensors" in _error(capsys, truncated)

@@ -94,13 +94,16 @@ def load_checkpoint_file(path: Path, dtype: torch.dtype | None = None):
 
     sd, metadata, step = read_checkpoint(path)
     family = detect_family(sd, path.name)
-    prediction = prediction_type(sd, metadata, family, step)
     tiny = matching_tiny(sd, family)
+    try:
+        prediction = prediction_type(sd, metadata, family, step)
+        arch = ARCHITECTURES[tiny] if tiny else infer_architecture(sd, family)
+    except KeyError as exc:
+        raise SdtuneError(f"{path.name} lacks the weight {exc.args[0]!r} that every {family} checkpoint has; "
+                          "it is damaged or not a complete checkpoint.") from exc
     if tiny:  # miniature test models keep their own heads, sizes and tokenizer
-        arch = ARCHITECTURES[tiny]
         tokenizers = [tiny_tokenizer()] * len(arch["text"])
     else:
-        arch = infer_architecture(sd, family)
         if family == "sd2" and prediction == "epsilon":
             arch["unet"]["sample_size"] = SD2_EPSILON_SAMPLE_SIZE
         tokenizers = _tokenizers(arch, path.name)
