@@ -171,9 +171,9 @@ CATALOGUE: dict[str, tuple[Callable[[Env], list[str]], tuple[str, ...]]] = {
                                ("subject_1.png", "folder")),
     # Models.
     "model-file-missing": (lambda e: e.train("--model", str(e.tmp / "gone.safetensors")), ("gone.safetensors",)),
-    "model-file-without-config": (lambda e: e.train("--model", str(e.folder("m", {
+    "model-file-not-a-checkpoint": (lambda e: e.train("--model", str(e.folder("m", {
         "model.safetensors": _tensors({"a": torch.zeros(1)})}) / "model.safetensors")),
-        ("model.safetensors", "--model-config")),
+        ("model.safetensors", "not a Stable Diffusion checkpoint")),
     "model-ckpt-with-code": (lambda e: e.train("--model", str(e.folder("m", {"evil.ckpt": _code_pickle(
         e, {"state_dict": {"a": torch.zeros(1)}})}) / "evil.ckpt"), "--model-config", str(e.pipeline)),
         ("evil.ckpt",)),

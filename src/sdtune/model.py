@@ -117,7 +117,8 @@ def _plain(config) -> dict:
 # Loading ----------------------------------------------------------------------------------------------------
 
 def load(spec: str, dtype: torch.dtype | None = None, config: str | None = None) -> SDModel:
-    """Load a model from a spec; `config` is a local diffusers folder for offline single-file loading."""
+    """Load a model from a spec; `config`, a local diffusers folder, overrides the architecture a single-file
+    checkpoint is otherwise read as (see single_file)."""
     spec = str(spec)
     if spec == "builtin":
         from .toyworld import builtin_path
@@ -171,9 +172,10 @@ def _load_pipeline_folder(where, label: str, dtype) -> SDModel:
 def _load_single_file(path: Path, dtype, config: str | None) -> SDModel:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    if config is None:
-        raise SdtuneError(f"Loading {path.name} offline needs its architecture: pass --model-config with a "
-                          "local diffusers folder of the same family.")
+    if config is None:  # the architecture, tokenizers and prediction type come from the file itself
+        from .single_file import load_checkpoint_file
+
+        return load_checkpoint_file(path, dtype)
     is_xl = (Path(config) / "text_encoder_2").exists()
     cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
     try:
@@ -212,41 +214,63 @@ def build_from_config(spec: str, dtype: torch.dtype | None = None, seed: int = 0
     device="meta" gives the structure without memory (layer names and shapes, e.g. to convert files);
     device="cuda" initialises full-size benchmark models directly on the GPU.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    import diffusers
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    from .model_configs import ARCHITECTURES, SCHEDULER_BASE, TINY_WORDS
-    from .tokenizer_build import write_clip_tokenizer
+    from .model_configs import ARCHITECTURES
 
     if spec not in ARCHITECTURES:
         raise SdtuneError(f"Unknown model '{spec}': known built architectures are {', '.join(ARCHITECTURES)}.")
     arch = ARCHITECTURES[spec]
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp, TINY_WORDS))
+    tokenizers = [tiny_tokenizer()] * len(arch["text"])
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**arch["unet"])
-        vae = AutoencoderKL(**arch["vae"])
-        encoders = []
-        for i, text in enumerate(arch["text"]):
-            text_cfg = CLIPTextConfig(**{"vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
-                                         "bos_token_id": tokenizer.bos_token_id, "pad_token_id": 1, **text})
-            # SDXL's second encoder exposes the pooled projection the UNet's added conditioning needs.
-            cls = CLIPTextModelWithProjection if (arch["family"] == "sdxl" and i == 1) else CLIPTextModel
-            encoders.append(cls(text_cfg))
-    scheduler_cls = getattr(diffusers, arch["scheduler"])
-    scheduler_cfg = dict(SCHEDULER_BASE, prediction_type=arch["prediction_type"])
-    if arch["scheduler"] == "PNDMScheduler":
-        scheduler_cfg["skip_prk_steps"] = True
-    scheduler = scheduler_cls.from_config(scheduler_cfg)
-    tokenizers = [tokenizer] * len(encoders)
-    model = SDModel(arch["family"], arch["prediction_type"], unet, vae, encoders, tokenizers, scheduler, spec)
+        unet, vae, encoders = build_modules(arch, tokenizers)
+    model = SDModel(arch["family"], arch["prediction_type"], unet, vae, encoders, tokenizers,
+                    make_scheduler(arch["scheduler"], arch["prediction_type"]), spec)
     for module in model.components().values():
         module.eval()
         if dtype is not None:
             module.to(dtype)
     return model
+
+
+def tiny_tokenizer():
+    """The miniature models' tokenizer: byte-level plus whole words for the test vocabulary."""
+    from transformers import CLIPTokenizer
+
+    from .model_configs import TINY_WORDS
+    from .tokenizer_build import write_clip_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp, TINY_WORDS))
+
+
+def build_modules(arch: dict, tokenizers: list) -> tuple[torch.nn.Module, torch.nn.Module, list[torch.nn.Module]]:
+    """(unet, vae, text encoders) of an architecture dict (see model_configs), on the current default device;
+    each text encoder takes its token ids from the tokenizer beside it."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    unet = UNet2DConditionModel(**arch["unet"])
+    vae = AutoencoderKL(**arch["vae"])
+    encoders = []
+    for i, (text, tokenizer) in enumerate(zip(arch["text"], tokenizers)):
+        text_cfg = CLIPTextConfig(**{"vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
+                                     "bos_token_id": tokenizer.bos_token_id, "pad_token_id": 1, **text})
+        # SDXL's second encoder exposes the pooled projection the UNet's added conditioning needs.
+        cls = CLIPTextModelWithProjection if (arch["family"] == "sdxl" and i == 1) else CLIPTextModel
+        encoders.append(cls(text_cfg))
+    return unet, vae, encoders
+
+
+def make_scheduler(name: str, prediction_type: str):
+    """An inference scheduler of the diffusers class `name` with SD's training betas."""
+    import diffusers
+
+    from .model_configs import SCHEDULER_BASE
+
+    config = dict(SCHEDULER_BASE, prediction_type=prediction_type)
+    if name == "PNDMScheduler":
+        config["skip_prk_steps"] = True
+    return getattr(diffusers, name).from_config(config)
 
 
 FAMILY_ARCHITECTURE = {"sd1": "random:sd15", "sd2": "random:sd2", "sdxl": "random:sdxl"}
