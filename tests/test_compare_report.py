@@ -83,6 +83,12 @@ def report_dir(tmp_path_factory):
     return tmp_path
 
 
+def written_rule() -> str:
+    from sdtune.compare.kinds import RULE
+
+    return RULE
+
+
 def markdown_table(text: str) -> list[list[str]]:
     lines = [line for line in text.splitlines() if line.startswith("| ")]
     return [[cell.strip() for cell in line.strip("|").split(" | ")] for line in lines]
@@ -98,7 +104,9 @@ def test_markdown_table_has_every_method_and_column(report_dir):
     assert all(len(r) == len(header) for r in rows)
     lora = rows[4]
     assert lora[6] == "0.800 [0.760, 0.840]" and lora[4] == "110,080" and lora[5] == "468.8 KiB"  # as charts
-    assert json.loads((report_dir / "results.json").read_text()) == fake_results()
+    written = json.loads((report_dir / "results.json").read_text())
+    assert written.pop("readings") == {"kinds_rule": written_rule(), "kinds": [], "checks": []}  # one subject, no kind
+    assert written == fake_results()
     for figure in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (report_dir / "report.md").read_text()):
         assert (report_dir / figure).stat().st_size > 1000  # every linked chart was written beside the report
 
