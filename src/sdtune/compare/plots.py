@@ -69,6 +69,29 @@ def bar_figure(title: str, bars: list[tuple[str, float | None, float | None, flo
     return plt, fig
 
 
+def grouped_bar_chart(title: str, groups: list[str], series: list[tuple[str, list[tuple | None]]],
+                      colours: dict[str, str], marks: list[float | None]) -> bytes:
+    """Bars grouped (one group per subject): per row (name, [(value, low, high) or None per group]), the interval
+    as an error bar; each group's mark (its ceiling) as a dashed line across the group."""
+    plt, fig = _figure(max(6.4, 0.35 * len(groups) * len(series) + 1.5), 3.6)
+    ax = fig.add_subplot()
+    width = 0.8 / max(len(series), 1)
+    for k, (name, points) in enumerate(series):
+        x = [g + (k - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        bars = [p if p and p[0] is not None else (np.nan, None, None) for p in points]
+        low = [0 if b[1] is None else max(b[0] - b[1], 0) for b in bars]
+        high = [0 if b[2] is None else max(b[2] - b[0], 0) for b in bars]
+        ax.bar(x, [b[0] for b in bars], width, color=colours[name], yerr=[low, high], capsize=2, label=name)
+    drawn = [(g, mark) for g, mark in enumerate(marks) if mark is not None]
+    for n, (g, mark) in enumerate(drawn):
+        ax.plot([g - 0.45, g + 0.45], [mark, mark], color="black", linestyle="--", label="_" if n else "ceiling")
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _png(plt, fig)
+
+
 def curve_chart(title: str, lines: list[tuple[str, list[tuple[float, float, float | None, float | None, float | None]]]],
                 base: tuple[float | None, float | None, float | None] | None, colours: dict[str, str]) -> bytes:
     """Quality against training steps (left) and seconds (right): per row (name, [(step, seconds, value,

@@ -19,8 +19,9 @@ SMALL_FILE_SHARE = 0.5
 MAX_BULLETS = 6
 
 
-def estimate_of(row: dict, key: str) -> dict | None:
-    return (row.get("quality") or {}).get(key)
+def estimate_of(row: dict | None, key: str) -> dict | None:
+    """A row's (or a ceiling's) final estimate of one quality metric; None where it has none."""
+    return ((row or {}).get("quality") or {}).get(key)
 
 
 def above(a: dict | None, b: dict | None) -> bool:

@@ -15,7 +15,7 @@ from . import plots
 from .checks import HALF_WAY, benchmark_checks
 from .document import Block, Bullets, Code, Figure, Heading, Paragraph, Table, to_html, to_markdown
 from .kinds import RULE, kind_readings
-from .reading import headline, reading
+from .reading import estimate_of, headline, reading
 from .sampling import load_samples
 from .usage import subject_parts, trained_files, where_text
 
@@ -69,6 +69,8 @@ def build_blocks(results: dict, out: Path) -> list[Block]:
     blocks += _kind_blocks(results, len(parts) > 1)
     blocks += _check_blocks(benchmark_checks(results))
     blocks.append(Heading(2, "Quality and cost per method"))
+    if len(parts) > 1:
+        blocks.append(_per_subject_bars(results, parts))
     blocks += [_quality_bar(results, m) for m in metrics if m["key"] not in results["missing_metrics"]]
     blocks += [_cost_bar(results, key, label, log) for key, label, log in COSTS]
     blocks += [Heading(2, "Quality against training budget"),
@@ -251,6 +253,17 @@ def _quality_bar(results: dict, metric: dict) -> Figure:
     bars = [(r["name"], *_triple(r["quality"].get(metric["key"]))) for r in results["rows"] if r.get("quality")]
     chart = plots.bar_chart(f"{metric['label']} (higher is better; 95% intervals)", bars, _colours(results))
     return Figure(metric["label"], f"charts/{metric['key']}.png", chart)
+
+
+def _per_subject_bars(results: dict, parts: list[dict]) -> Figure:
+    """Each row's headline subject fidelity on each subject beside its floor (the base row) and ceiling."""
+    names = [r["name"] for r in results["rows"]]
+    series = [(name, [_triple(estimate_of(next(r for r in p["rows"] if r["name"] == name), "subject_fidelity"))
+                      for p in parts]) for name in names]
+    ceilings = [_triple(estimate_of(p.get("ceiling"), "subject_fidelity"))[0] for p in parts]
+    chart = plots.grouped_bar_chart("Subject fidelity, one new factor, per subject (95% intervals; base: the floor)",
+                                    [p["name"] for p in parts], series, _colours(results), ceilings)
+    return Figure("Subject fidelity per subject", "charts/subject_fidelity_per_subject.png", chart)
 
 
 def _triple(est: dict | None) -> tuple:
