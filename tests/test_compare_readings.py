@@ -154,3 +154,23 @@ def test_a_best_row_past_the_mark_but_overlapping_the_base_fails_and_a_missing_c
     square = checks[("dotted-square", LEARNABLE)]
     assert square["passed"] is None and square["text"].startswith("dotted-square, " + LEARNABLE + ": not checked")
     assert not any(subject == "zebra" for subject, _ in checks)
+
+
+def test_per_subject_chart_draws_each_row_on_each_subject_with_its_ceiling_and_half_way_mark(monkeypatch):
+    from sdtune.compare import plots
+    from sdtune.compare.report import _per_subject_bars
+
+    figures, to_png = [], plots._png
+    monkeypatch.setattr(plots, "_png", lambda plt, fig: (figures.append(fig), to_png(plt, fig))[1])
+    found = results()
+    found["rows"] = found["subjects"][0]["rows"]  # the pooled rows' names and order
+    _per_subject_bars(found, found["subjects"])
+    (ax,) = figures[0].axes
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["quartered-circle", "dotted-square", "green-triangle",
+                                                            "zebra"]
+    heights = [round(bar.get_height(), 4) for bar in ax.patches]  # row by row, each over the four subjects
+    assert heights[4:8] == [0.80, 0.70, 0.62, 0.20] and heights[12:16] == [0.06, 0.05, 0.60, 0.10]
+    lines = {line.get_label(): line.get_ydata()[0] for line in ax.get_lines() if not line.get_label().startswith("_")}
+    assert lines == {"ceiling": 0.95, "half-way mark": 0.5}  # the first subject's, labelled once
+    zebra = [line.get_ydata()[0] for line in ax.get_lines() if line.get_xdata()[0] == 3 - 0.45]
+    assert zebra == [0.90, 0.46]

@@ -70,9 +70,9 @@ def bar_figure(title: str, bars: list[tuple[str, float | None, float | None, flo
 
 
 def grouped_bar_chart(title: str, groups: list[str], series: list[tuple[str, list[tuple | None]]],
-                      colours: dict[str, str], marks: list[float | None]) -> bytes:
+                      colours: dict[str, str], marks: list[tuple[str, str, list[float | None]]]) -> bytes:
     """Bars grouped (one group per subject): per row (name, [(value, low, high) or None per group]), the interval
-    as an error bar; each group's mark (its ceiling) as a dashed line across the group."""
+    as an error bar; marks as (label, line style, a value or None per group): a line across each group."""
     plt, fig = _figure(max(6.4, 0.35 * len(groups) * len(series) + 1.5), 3.6)
     ax = fig.add_subplot()
     width = 0.8 / max(len(series), 1)
@@ -82,9 +82,10 @@ def grouped_bar_chart(title: str, groups: list[str], series: list[tuple[str, lis
         low = [0 if b[1] is None else max(b[0] - b[1], 0) for b in bars]
         high = [0 if b[2] is None else max(b[2] - b[0], 0) for b in bars]
         ax.bar(x, [b[0] for b in bars], width, color=colours[name], yerr=[low, high], capsize=2, label=name)
-    drawn = [(g, mark) for g, mark in enumerate(marks) if mark is not None]
-    for n, (g, mark) in enumerate(drawn):
-        ax.plot([g - 0.45, g + 0.45], [mark, mark], color="black", linestyle="--", label="_" if n else "ceiling")
+    for label, style, values in marks:
+        drawn = [(g, mark) for g, mark in enumerate(values) if mark is not None]
+        for n, (g, mark) in enumerate(drawn):
+            ax.plot([g - 0.45, g + 0.45], [mark, mark], color="black", linestyle=style, label="_" if n else label)
     ax.set_xticks(range(len(groups)), groups)
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)

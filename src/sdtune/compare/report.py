@@ -12,7 +12,7 @@ import yaml
 from ..artifacts import atomic_write_via
 from ..bench_sizes import byte_unit, human_bytes
 from . import plots
-from .checks import HALF_WAY, benchmark_checks
+from .checks import HALF_WAY, LEARNABLE, benchmark_checks
 from .document import Block, Bullets, Code, Figure, Heading, Paragraph, Table, to_html, to_markdown
 from .kinds import RULE, kind_readings
 from .reading import estimate_of, headline, reading
@@ -261,8 +261,11 @@ def _per_subject_bars(results: dict, parts: list[dict]) -> Figure:
     series = [(name, [_triple(estimate_of(next(r for r in p["rows"] if r["name"] == name), "subject_fidelity"))
                       for p in parts]) for name in names]
     ceilings = [_triple(estimate_of(p.get("ceiling"), "subject_fidelity"))[0] for p in parts]
+    marks = {c["subject"]: c["half_way"] for c in benchmark_checks(results) if c["check"] == LEARNABLE}
     chart = plots.grouped_bar_chart("Subject fidelity, one new factor, per subject (95% intervals; base: the floor)",
-                                    [p["name"] for p in parts], series, _colours(results), ceilings)
+                                    [p["name"] for p in parts], series, _colours(results),
+                                    [("ceiling", "--", ceilings),
+                                     ("half-way mark", ":", [marks.get(p["name"]) for p in parts])])
     return Figure("Subject fidelity per subject", "charts/subject_fidelity_per_subject.png", chart)
 
 
