@@ -47,16 +47,17 @@ def _row(part: dict, name: str) -> dict:
     return next(r for r in part["rows"] if r["name"] == name)
 
 
-def _est(part: dict, name: str, key: str = HEADLINE, kind: str | None = None) -> dict | None:
+def _est(part: dict, name: str, key: str = HEADLINE, prompt_type: str | None = None) -> dict | None:
     """A row's estimate on one subject: a headline metric, or subject fidelity on one prompt type."""
     row = _row(part, name)
-    if kind is None:
+    if prompt_type is None:
         return estimate_of(row, key)
-    return ((row.get("quality_by_type") or {}).get(kind) or {}).get(HEADLINE)
+    return ((row.get("quality_by_type") or {}).get(prompt_type) or {}).get(HEADLINE)
 
 
-def _above_base(part: dict, name: str, key: str = HEADLINE, kind: str | None = None) -> bool:
-    return above(_est(part, name, key, kind), _est(part, base_row(part)["name"], key, kind))
+def _above_base(part: dict, name: str, key: str = HEADLINE, prompt_type: str | None = None) -> bool:
+    base = base_row(part)["name"]
+    return above(_est(part, name, key, prompt_type), _est(part, base, key, prompt_type))
 
 
 def _below_base(part: dict, name: str, key: str) -> bool:
@@ -85,18 +86,18 @@ def _kind_reading(kind: str, parts: list[dict]) -> dict:
             not_above_base=[n for n in ranked if not above_on[n]],
             side_effects={n: {key: [p["name"] for p in parts if _below_base(p, n, key)] for key, _ in SIDE_EFFECTS}
                           for n in ranked})
-        if any(UNSEEN in (base_row(p).get("quality_by_type") or {}) for p in parts):
-            unseen = [p for p in parts if UNSEEN in (base_row(p).get("quality_by_type") or {})]
-            reading["unseen_classes"] = [n for n in ranked if all(_above_base(p, n, kind=UNSEEN) for p in unseen)]
+        unseen = [p for p in parts if UNSEEN in (base_row(p).get("quality_by_type") or {})]
+        if unseen:
+            reading["unseen_classes"] = [n for n in ranked if all(_above_base(p, n, prompt_type=UNSEEN) for p in unseen)]
     reading["text"] = _sentence(reading, parts, {n: where for n, where in failed.items() if where})
     return reading
 
 
-def _values(parts: list[dict], name: str, key: str = HEADLINE, kind: str | None = None) -> str:
+def _values(parts: list[dict], name: str, key: str = HEADLINE) -> str:
     """A row's value [interval] on each subject: '0.80 [0.76, 0.84] on a, 0.70 [0.65, 0.75] on b'."""
     if len(parts) == 1:
-        return interval_text(_est(parts[0], name, key, kind))
-    return ", ".join(f"{interval_text(_est(p, name, key, kind))} on {p['name']}" for p in parts)
+        return interval_text(_est(parts[0], name, key))
+    return ", ".join(f"{interval_text(_est(p, name, key))} on {p['name']}" for p in parts)
 
 
 def _each(count: int) -> str:
