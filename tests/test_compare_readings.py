@@ -174,3 +174,17 @@ def test_per_subject_chart_draws_each_row_on_each_subject_with_its_ceiling_and_h
     assert lines == {"ceiling": 0.95, "half-way mark": 0.5}  # the first subject's, labelled once
     zebra = [line.get_ydata()[0] for line in ax.get_lines() if line.get_xdata()[0] == 3 - 0.45]
     assert zebra == [0.90, 0.46]
+
+
+def test_a_kind_no_row_learns_says_so_instead_of_ranking_the_noise():
+    found = results()
+    for r in found["subjects"][3]["rows"][1:]:
+        r["quality"]["subject_fidelity"] = est(0.03)  # every row on the base model's level on the style
+    style = by_kind(found)["style"]
+    assert style["best"] == ["dreambooth", "lora", "textual-inversion", "hypernetwork"]  # all tied, as data
+    assert style["not_above_base"] == style["best"]
+    assert style["text"].startswith("**For a style** (zebra): no row lies above the base model (base 0.02 [-0.01, 0.05]; "
+                                    "dreambooth 0.03 [0.00, 0.06]; lora 0.03 [0.00, 0.06]; textual-inversion 0.03 "
+                                    "[0.00, 0.06]; hypernetwork 0.03 [0.00, 0.06]): no method learns this kind "
+                                    "with this recipe.")
+    assert "best on subject fidelity" not in style["text"]

@@ -114,8 +114,13 @@ def _sentence(reading: dict, parts: list[dict], failed: dict[str, list[str]]) ->
                     f"{'it is' if len(failed) == 1 else 'they are'} not read here.")
     if not reading["side_effects"]:
         return " ".join(text + ["no method finished on every subject of this kind."])
-    text += [_best_sentence(reading, parts), _base_sentence(reading, parts)]
-    text += _side_effect_sentences(reading, parts)
+    if reading["above_base"] or reading["above_base_on_some"]:
+        text += [_best_sentence(reading, parts), _base_sentence(reading, parts)]
+        text += _side_effect_sentences(reading, parts)
+    else:  # nothing learned: "best" would only rank noise around the floor
+        rows = "; ".join(f"{n} {_values(parts, n)}" for n in reading["side_effects"])
+        text.append(f"no row lies above the base model (base {_values(parts, base_row(parts[0])['name'])}; {rows}): no "
+                    "method learns this kind with this recipe.")
     if reading["unseen_classes"] is not None:
         carry, rest = reading["unseen_classes"], [n for n in reading["side_effects"] if n not in
                                                   reading["unseen_classes"]]

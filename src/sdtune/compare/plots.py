@@ -114,7 +114,8 @@ def curve_chart(title: str, lines: list[tuple[str, list[tuple[float, float, floa
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(title)
-    axes[1].legend(fontsize=8, loc="best")
+    if axes[1].get_legend_handles_labels()[0]:  # a metric nobody measured (one image per prompt: no diversity)
+        axes[1].legend(fontsize=8, loc="best")
     fig.suptitle(f"{title} along the run")
     return _png(plt, fig)
 
