@@ -88,7 +88,8 @@ def _kind_reading(kind: str, parts: list[dict]) -> dict:
                           for n in ranked})
         unseen = [p for p in parts if UNSEEN in (base_row(p).get("quality_by_type") or {})]
         if unseen:
-            reading["unseen_classes"] = [n for n in ranked if all(_above_base(p, n, prompt_type=UNSEEN) for p in unseen)]
+            reading["unseen_classes"] = [n for n in ranked
+                                         if all(_above_base(p, n, prompt_type=UNSEEN) for p in unseen)]
     reading["text"] = _sentence(reading, parts, {n: where for n, where in failed.items() if where})
     return reading
 

@@ -132,15 +132,16 @@ def _prompt_sentences(results: dict, trained: list[dict], base: dict | None) -> 
 def _subject_sentence(ranked: list[dict], learners: list[dict], base: dict | None, key: str) -> str:
     best = estimate_of(ranked[0], key)
     tied = [r for r in ranked if r is ranked[0] or not above(best, estimate_of(r, key))]
-    text = (f"{names_text(tied, key)} learn the subject best" + (" (their 95% intervals overlap)" if len(tied) > 1 else "")
-            + ".")
+    text = (f"{names_text(tied, key)} learn the subject best"
+            + (" (their 95% intervals overlap)." if len(tied) > 1 else "."))
     rest = [r for r in ranked if r not in tied]
     if rest:
         text += f" Then come {names_text(rest, key)}."
     if base:
         flat = [r for r in ranked if r not in learners]
         text += f" The base model scores {value_text(estimate_of(base, key))}"
-        text += f"; {names_text(flat)} {verb_are(flat)} not clearly above it." if flat else "; every method is clearly above it."
+        text += (f"; {names_text(flat)} {verb_are(flat)} not clearly above it." if flat
+                 else "; every method is clearly above it.")
     return text
 
 
@@ -205,7 +206,8 @@ def _budget_sentences(learners: list[dict], key: str) -> list[str]:
         return []
     text = f"{REACHED:.0%} of the final subject score is reached: " + "; ".join(reached) + "."
     if improving:
-        text += f" {names_text(improving)} {verb_are(improving)} still improving at the end: more steps would likely help."
+        text += (f" {names_text(improving)} {verb_are(improving)} still improving at the end: more steps would "
+                 "likely help.")
     return [text]
 
 
