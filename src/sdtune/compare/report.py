@@ -117,8 +117,7 @@ def _check_blocks(checks: list[dict]) -> list[Block]:
                       f"each subject's best row reaches at least {HALF_WAY:.0%} of the way from the floor (the base "
                       "model) to the ceiling (the subject's renders through the VAE) on one-new-factor subject "
                       "fidelity, with its 95% interval above the base model's; and each method lies above the base "
-                      f"model on the kind of subject it is made for. {passed} of {len(checks)} "
-                      "pass."),
+                      f"model on the kind of subject it is made for. {passed} of {len(checks)} pass."),
             Table(CHECK_HEADER, lines)]
 
 
