@@ -83,20 +83,39 @@ def test_rows_pooled_over_subjects_weigh_each_subject_the_same(two_subjects):
 
 
 def test_report_has_a_table_per_subject_and_a_pooled_one(two_subjects):
-    out, _ = two_subjects
+    out, results = two_subjects
     report = (out / "report.md").read_text()
     assert report.startswith("# sdtune compare: Textual Inversion on 2 subjects")
     sections = report.split("\n### ")
     titles = [section.splitlines()[0] for section in sections[1:]]
-    assert titles == ["Pooled over the subjects", "quartered-circle (new look)", "zebra (style)"]
+    assert titles == ["Pooled over the subjects", "quartered-circle (new look)", "zebra (style)",
+                      "Per kind of subject"]
     circle_header = next(line for line in sections[2].splitlines() if line.startswith("| Method"))
     zebra_header = next(line for line in sections[3].splitlines() if line.startswith("| Method"))
     assert circle_header.split(" | ")[1:3] == ["Subject fidelity: one new factor ↑",
                                                "Subject fidelity: two new factors ↑"]
     assert "unseen classes" in zebra_header and "unseen classes" not in circle_header
     assert "| ceiling (renders through the VAE) |" in sections[3] and "| base (untouched) |" in sections[3]
-    assert "readings per kind of subject" in report
     assert (out / "charts" / "grid_subject_zebra.png").stat().st_size > 1000
+    assert (out / "charts" / "subject_fidelity_per_subject.png").stat().st_size > 1000
+
+
+def test_report_and_results_json_read_each_kind_and_check_each_subject(two_subjects):
+    out, results = two_subjects
+    report = (out / "report.md").read_text()
+    kinds, checks = results["readings"]["kinds"], results["readings"]["checks"]
+    assert [(k["kind"], k["subjects"]) for k in kinds] == [("new look", ["quartered-circle"]), ("style", ["zebra"])]
+    section = report.split("### Per kind of subject\n\n")[1].split("\n\n## ")[0]
+    assert [line for line in section.splitlines() if line.startswith("- ")] == [f"- {k['text']}" for k in kinds]
+    assert kinds[0]["text"].startswith("**For a new look, one no caption can ask for** (quartered-circle): ")
+    assert "On classes its images never show" in kinds[1]["text"]
+    # Two steps of training learn nothing: each subject's learnable check fails, with its numbers, in both files.
+    assert [(c["subject"], c["passed"]) for c in checks] == [("quartered-circle", False), ("zebra", False)]
+    table = report.split("## Benchmark checks\n\n")[1].split("\n\n## ")[0]
+    assert "0 of 2 pass." in table
+    for check, line in zip(checks, [line for line in table.splitlines() if line.startswith("| ")][2:]):
+        assert line.startswith(f"| {check['subject']} (") and "| **fail**: " in line
+        assert f"{check['half_way']:.3f}" in line and f"{check['estimate']['value']:.3f}" in line
 
 
 def test_default_comparison_keeps_the_first_subjects_prompts_first(tmp_path):
@@ -176,4 +195,4 @@ def test_several_subjects_report_shows_every_table_and_picture_in_chromium(two_s
         images = browser.execute_script("return Array.from(document.images).map(i => [i.complete, i.naturalWidth])")
         shown = browser.execute_script("return document.querySelectorAll('table').length")
     assert len(images) == len(figures) and all(done and width > 0 for done, width in images)
-    assert shown == tables == 4  # the pooled results, per type pooled, one per subject
+    assert shown == tables == 5  # the pooled results, per type pooled, one per subject, the benchmark checks

@@ -69,6 +69,30 @@ def bar_figure(title: str, bars: list[tuple[str, float | None, float | None, flo
     return plt, fig
 
 
+def grouped_bar_chart(title: str, groups: list[str], series: list[tuple[str, list[tuple | None]]],
+                      colours: dict[str, str], marks: list[tuple[str, str, list[float | None]]]) -> bytes:
+    """Bars grouped (one group per subject): per row (name, [(value, low, high) or None per group]), the interval
+    as an error bar; marks as (label, line style, a value or None per group): a line across each group."""
+    plt, fig = _figure(max(6.4, 0.35 * len(groups) * len(series) + 1.5), 3.6)
+    ax = fig.add_subplot()
+    width = 0.8 / max(len(series), 1)
+    for k, (name, points) in enumerate(series):
+        x = [g + (k - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        bars = [p if p and p[0] is not None else (np.nan, None, None) for p in points]
+        low = [0 if b[1] is None else max(b[0] - b[1], 0) for b in bars]
+        high = [0 if b[2] is None else max(b[2] - b[0], 0) for b in bars]
+        ax.bar(x, [b[0] for b in bars], width, color=colours[name], yerr=[low, high], capsize=2, label=name)
+    for label, style, values in marks:
+        drawn = [(g, mark) for g, mark in enumerate(values) if mark is not None]
+        for n, (g, mark) in enumerate(drawn):
+            ax.plot([g - 0.45, g + 0.45], [mark, mark], color="black", linestyle=style, label="_" if n else label)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _png(plt, fig)
+
+
 def curve_chart(title: str, lines: list[tuple[str, list[tuple[float, float, float | None, float | None, float | None]]]],
                 base: tuple[float | None, float | None, float | None] | None, colours: dict[str, str]) -> bytes:
     """Quality against training steps (left) and seconds (right): per row (name, [(step, seconds, value,
@@ -90,7 +114,8 @@ def curve_chart(title: str, lines: list[tuple[str, list[tuple[float, float, floa
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(title)
-    axes[1].legend(fontsize=8, loc="best")
+    if axes[1].get_legend_handles_labels()[0]:  # a metric nobody measured (one image per prompt: no diversity)
+        axes[1].legend(fontsize=8, loc="best")
     fig.suptitle(f"{title} along the run")
     return _png(plt, fig)
 

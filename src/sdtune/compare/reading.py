@@ -19,8 +19,9 @@ SMALL_FILE_SHARE = 0.5
 MAX_BULLETS = 6
 
 
-def _q(row: dict, key: str) -> dict | None:
-    return (row.get("quality") or {}).get(key)
+def estimate_of(row: dict | None, key: str) -> dict | None:
+    """A row's (or a ceiling's) final estimate of one quality metric; None where it has none."""
+    return ((row or {}).get("quality") or {}).get(key)
 
 
 def above(a: dict | None, b: dict | None) -> bool:
@@ -28,25 +29,32 @@ def above(a: dict | None, b: dict | None) -> bool:
     return bool(a and b and a["low"] is not None and b["high"] is not None and a["low"] > b["high"])
 
 
-def _number(est: dict | None) -> float:
+def rank_value(est: dict | None) -> float:
     """An estimate's value for sorting (missing values last)."""
     return float("-inf") if not est or est["value"] is None else est["value"]
 
 
-def _value(est: dict | None) -> str:
+def value_text(est: dict | None) -> str:
     return "n/a" if not est or est["value"] is None else f"{est['value']:.2f}"
 
 
-def _names(rows: list[dict], key: str | None = None) -> str:
-    return _join([f"{r['name']} ({_value(_q(r, key))})" if key else r["name"] for r in rows])
+def interval_text(est: dict | None) -> str:
+    """'0.85 [0.80, 0.90]': a value and its 95% interval ('n/a' when missing)."""
+    if not est or est["value"] is None:
+        return "n/a"
+    return f"{est['value']:.2f} [{est['low']:.2f}, {est['high']:.2f}]"
 
 
-def _join(parts: list[str]) -> str:
+def names_text(rows: list[dict], key: str | None = None) -> str:
+    return join_words([f"{r['name']} ({value_text(estimate_of(r, key))})" if key else r["name"] for r in rows])
+
+
+def join_words(parts: list[str]) -> str:
     """'a', 'a and b', 'a, b and c'."""
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def _are(rows: list) -> str:
+def verb_are(rows: list) -> str:
     return "is" if len(rows) == 1 else "are"
 
 
@@ -80,8 +88,8 @@ def _ranked(results: dict, subject: str) -> tuple[list[dict], list[dict], dict |
     rows = [r for r in results["rows"] if r.get("quality")]
     base = next((r for r in rows if r["method"] is None), None)
     trained = [r for r in rows if r["method"]]
-    ranked = sorted(trained, key=lambda r: -_number(_q(r, subject)))
-    learners = [r for r in trained if above(_q(r, subject), _q(base, subject))] if base else trained
+    ranked = sorted(trained, key=lambda r: -rank_value(estimate_of(r, subject)))
+    learners = [r for r in trained if above(estimate_of(r, subject), estimate_of(base, subject))] if base else trained
     return ranked, learners, base
 
 
@@ -93,18 +101,18 @@ def headline(results: dict) -> str:
     ranked, learners, _ = _ranked(results, subject)
     if not learners:
         return "No method learned the subject clearly better than the base model with these settings."
-    best = max(learners, key=lambda r: _number(_q(r, subject)))
+    best = max(learners, key=lambda r: rank_value(estimate_of(r, subject)))
     tied = [r for r in ranked if r is not best and r in learners
-            and not above(_q(best, subject), _q(r, subject))]
-    est, cost = _q(best, subject), best.get("cost") or {}
+            and not above(estimate_of(best, subject), estimate_of(r, subject))]
+    est, cost = estimate_of(best, subject), best.get("cost") or {}
     spent = [f"{fmt(cost[key]['mean'])}{what}" for key, what, fmt in (
         ("wall_time_s", " of training", lambda v: f"{v:.0f} s"),
         ("peak_memory_bytes", " of peak memory", human_bytes),
         ("artifact_bytes", " file", lambda v: "a " + human_bytes(v))) if cost.get(key)]
-    text = (f"**{best['name']}** learns the subject best ({_label_of(results, subject)} {est['value']:.2f} "
-            f"[{est['low']:.2f}, {est['high']:.2f}])" + (f" for {_join(spent)}" if spent else ""))
+    text = (f"**{best['name']}** learns the subject best ({_label_of(results, subject)} {interval_text(est)})"
+            + (f" for {join_words(spent)}" if spent else ""))
     if tied:
-        text += f"; {_names(tied)} {_are(tied)} tied with it (95% intervals overlap)"
+        text += f"; {names_text(tied)} {verb_are(tied)} tied with it (95% intervals overlap)"
     return text + "."
 
 
@@ -114,25 +122,26 @@ def _label_of(results: dict, key: str) -> str:
 
 def _prompt_sentences(results: dict, trained: list[dict], base: dict | None) -> list[str]:
     prompt = _key(results, PROMPT_KEYS)
-    worse = [r for r in trained if above(_q(base, prompt), _q(r, prompt))] if prompt and base else []
+    worse = [r for r in trained if above(estimate_of(base, prompt), estimate_of(r, prompt))] if prompt and base else []
     if not worse:
         return []
-    return [f"{_names(worse, prompt)} follow the prompts' other words less well than the base model "
-            f"({_value(_q(base, prompt))})."]
+    return [f"{names_text(worse, prompt)} follow the prompts' other words less well than the base model "
+            f"({value_text(estimate_of(base, prompt))})."]
 
 
 def _subject_sentence(ranked: list[dict], learners: list[dict], base: dict | None, key: str) -> str:
-    best = _q(ranked[0], key)
-    tied = [r for r in ranked if r is ranked[0] or not above(best, _q(r, key))]
-    text = (f"{_names(tied, key)} learn the subject best" + (" (their 95% intervals overlap)" if len(tied) > 1 else "")
-            + ".")
+    best = estimate_of(ranked[0], key)
+    tied = [r for r in ranked if r is ranked[0] or not above(best, estimate_of(r, key))]
+    text = (f"{names_text(tied, key)} learn the subject best"
+            + (" (their 95% intervals overlap)." if len(tied) > 1 else "."))
     rest = [r for r in ranked if r not in tied]
     if rest:
-        text += f" Then come {_names(rest, key)}."
+        text += f" Then come {names_text(rest, key)}."
     if base:
         flat = [r for r in ranked if r not in learners]
-        text += f" The base model scores {_value(_q(base, key))}"
-        text += f"; {_names(flat)} {_are(flat)} not clearly above it." if flat else "; every method is clearly above it."
+        text += f" The base model scores {value_text(estimate_of(base, key))}"
+        text += (f"; {names_text(flat)} {verb_are(flat)} not clearly above it." if flat
+                 else "; every method is clearly above it.")
     return text
 
 
@@ -163,20 +172,20 @@ def _prior_sentences(trained: list[dict], base: dict | None) -> list[str]:
     out = []
     for on in [r for r in trained if _prior_on(r)]:
         for off in [r for r in trained if r["method"] == on["method"] and not _prior_on(r)]:
-            a, b = _q(on, PRIOR_KEY), _q(off, PRIOR_KEY)
+            a, b = estimate_of(on, PRIOR_KEY), estimate_of(off, PRIOR_KEY)
             if a and b and a["value"] is not None and b["value"] is not None:
                 verdict = ("clearly better" if above(a, b) else "clearly worse" if above(b, a)
                            else "not clearly different (intervals overlap)")
                 out.append(f"Prior preservation on {on['method']}: the class word keeps its meaning "
-                           f"{a['value']:.2f} [{a['low']:.2f}, {a['high']:.2f}] with it ({on['name']}) and "
-                           f"{b['value']:.2f} [{b['low']:.2f}, {b['high']:.2f}] without ({off['name']}): {verdict}.")
+                           f"{interval_text(a)} with it ({on['name']}) and {interval_text(b)} without "
+                           f"({off['name']}): {verdict}.")
     if base:
-        leaking = [r for r in trained if above(_q(base, PRIOR_KEY), _q(r, PRIOR_KEY))]
+        leaking = [r for r in trained if above(estimate_of(base, PRIOR_KEY), estimate_of(r, PRIOR_KEY))]
         if leaking:
             # The metric cannot tell the subject leaking in from plain objects in the wrong colour: say only
             # that the class word draws less of what it asks for.
-            out.append(f"{_names(leaking, PRIOR_KEY)} keep the class word's meaning less well than the base model "
-                       f"({_value(_q(base, PRIOR_KEY))} on prior preservation).")
+            out.append(f"{names_text(leaking, PRIOR_KEY)} keep the class word's meaning less well than the base model "
+                       f"({value_text(estimate_of(base, PRIOR_KEY))} on prior preservation).")
     return out
 
 
@@ -197,7 +206,8 @@ def _budget_sentences(learners: list[dict], key: str) -> list[str]:
         return []
     text = f"{REACHED:.0%} of the final subject score is reached: " + "; ".join(reached) + "."
     if improving:
-        text += f" {_names(improving)} {_are(improving)} still improving at the end: more steps would likely help."
+        text += (f" {names_text(improving)} {verb_are(improving)} still improving at the end: more steps would "
+                 "likely help.")
     return [text]
 
 
@@ -205,19 +215,19 @@ def _recommendations(ranked: list[dict], learners: list[dict], key: str) -> list
     if not learners:
         return ["No method learned the subject clearly with these settings: raise the steps or learning rates "
                 "(--config) and compare again."]
-    best = max(learners, key=lambda r: _q(r, key)["value"])
-    tied = [r for r in ranked if r in learners and not above(_q(best, key), _q(r, key))]
-    text = f"**When the subject must look right**: {_names(tied)}" + (" (tied)" if len(tied) > 1 else "")
-    kept = [r for r in tied if _q(r, PRIOR_KEY) and _q(r, PRIOR_KEY)["value"] is not None]
+    best = max(learners, key=lambda r: estimate_of(r, key)["value"])
+    tied = [r for r in ranked if r in learners and not above(estimate_of(best, key), estimate_of(r, key))]
+    text = f"**When the subject must look right**: {names_text(tied)}" + (" (tied)" if len(tied) > 1 else "")
+    kept = [r for r in tied if estimate_of(r, PRIOR_KEY) and estimate_of(r, PRIOR_KEY)["value"] is not None]
     if len(tied) > 1 and kept:
-        keeper = max(kept, key=lambda r: _q(r, PRIOR_KEY)["value"])
-        text += f"; of these {keeper['name']} keeps the class word best ({_value(_q(keeper, PRIOR_KEY))})"
+        keeper = max(kept, key=lambda r: estimate_of(r, PRIOR_KEY)["value"])
+        text += f"; of these {keeper['name']} keeps the class word best ({value_text(estimate_of(keeper, PRIOR_KEY))})"
     out = [text + "."]
-    kept = [r for r in learners if _q(r, PRIOR_KEY) and _q(r, PRIOR_KEY)["value"] is not None]
+    kept = [r for r in learners if estimate_of(r, PRIOR_KEY) and estimate_of(r, PRIOR_KEY)["value"] is not None]
     if kept:
-        keeper = max(kept, key=lambda r: _q(r, PRIOR_KEY)["value"])
+        keeper = max(kept, key=lambda r: estimate_of(r, PRIOR_KEY)["value"])
         out.append(f"**When the class word must keep its meaning**: {keeper['name']} "
-                   f"(prior preservation {_value(_q(keeper, PRIOR_KEY))}).")
+                   f"(prior preservation {value_text(estimate_of(keeper, PRIOR_KEY))}).")
     cheap = [text for cost, need, fmt in (("artifact_bytes", "the file must be small", human_bytes),
                                           ("wall_time_s", "training time is short", lambda v: f"{v:.0f} s"))
              for text in _cheapest(learners, best, key, cost, need, fmt)]
@@ -234,10 +244,10 @@ def _cheapest(learners: list[dict], best: dict, key: str, cost: str, need: str, 
         return row["cost"][cost]["mean"]
 
     def share(row: dict) -> float:
-        return _q(row, key)["value"] / max(_q(best, key)["value"], 1e-9)
+        return estimate_of(row, key)["value"] / max(estimate_of(best, key)["value"], 1e-9)
 
     have = [r for r in learners if (r.get("cost") or {}).get(cost)]
-    fit = [r for r in have if share(r) >= SMALL_FILE_SHARE or not above(_q(best, key), _q(r, key))]
+    fit = [r for r in have if share(r) >= SMALL_FILE_SHARE or not above(estimate_of(best, key), estimate_of(r, key))]
     if not fit:
         return []
     pick, cheapest = min(fit, key=spent), min(have, key=spent)
