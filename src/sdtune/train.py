@@ -3,7 +3,7 @@
 Read top to bottom: set up the device, the class images (prior preservation) and the method, prepare
 examples (latents and text encoded up front and cached when possible), build the optimizer, resume if asked,
 then step: freeze param groups past their stop step, draw noise per sample, predict, weigh the loss,
-accumulate, synchronise gradients across processes, clip, update, average (EMA); read the loss on the host
+accumulate (several processes: parallel.py averages gradients, or shards them), clip, update, average (EMA); read the loss on the host
 (every step on a CPU, every few on a GPU: speed.py); checkpoint, validate, log; save.
 """
 
@@ -24,10 +24,10 @@ from .config import DataConfig, TrainConfig, to_json
 from .conditioning import Conditioning
 from .errors import SdtuneError
 from .loss import combine, draw_noise, min_snr_weights, per_sample_mse, training_target
-from .runtime import is_main_process, make_accelerator, peak_memory_bytes, sum_gradients_across_processes
+from .runtime import is_main_process, make_accelerator, peak_memory_bytes
 from .trainset import TrainingSet, build_training_set
 from .unet_runner import UNetRunner
-from . import checkpoints, class_images, faults, outputs, speed, validation_loss
+from . import checkpoints, class_images, faults, outputs, parallel, speed, validation_loss
 
 
 @dataclass
@@ -57,7 +57,8 @@ def train(model, method, train_cfg: TrainConfig, data_cfg: DataConfig, out_dir: 
     Every path the run writes is checked before any work (outputs.py): a name that would leave `out_dir`, or a
     target sdtune did not make, is refused; the folder is locked for the run."""
     targets = outputs.plan(out_dir, name, method.output_files(name, fmt), train_cfg.log_dir)
-    with outputs.claim(targets, main_process=is_main_process()), faults.memory_advice(out_dir):
+    with outputs.claim(targets, main_process=is_main_process()), faults.memory_advice(out_dir), \
+            parallel.lost_process_advice(out_dir):
         result = _train(model, method, train_cfg, data_cfg, Path(out_dir), name, fmt, progress, on_step)
         if result.paths:
             outputs.record(targets)
@@ -91,6 +92,9 @@ def _train(model, method, train_cfg: TrainConfig, data_cfg: DataConfig, out_dir:
         torch.cuda.reset_peak_memory_stats(device)  # peak memory measures training, not loading
     if train_cfg.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
+    # Several processes: DDP, or FSDP sharding the trained components (their parameters are replaced).
+    engine = parallel.prepare(train_cfg, data_cfg, method, model, param_groups, world, device, weight_dtype)
+    params = [p for group in param_groups for p in group["params"]]
 
     # 2. Examples: latents and text conditioning computed once where nothing about them changes.
     templates = method.prompt_templates(model)
@@ -103,7 +107,8 @@ def _train(model, method, train_cfg: TrainConfig, data_cfg: DataConfig, out_dir:
     parked = examples.idle_components() if device.type == "cuda" and not train_cfg.validation_every else []
     for component in parked:
         model.components()[component].to("cpu")
-    global_batch = train_cfg.batch_size * train_cfg.grad_accum * world
+    local_batch = train_cfg.batch_size * train_cfg.grad_accum
+    global_batch = local_batch * world
 
     # 3. Optimizer and schedule; resume restores them with the trained values, the step and the EMA
     #    (an EMA missing from an older checkpoint starts from the weights as they are then).
@@ -120,13 +125,16 @@ def _train(model, method, train_cfg: TrainConfig, data_cfg: DataConfig, out_dir:
     # The step's speed (speed.py): how the UNet runs (eager, captured CUDA graph or compiled) and how often
     # the host waits for the device to read the loss.
     unet_mode = speed.resolve_compile(train_cfg.compile, device.type, train_cfg.steps - start_step,
-                                      examples.static_shapes, train_cfg.grad_accum, train_cfg.gradient_checkpointing)
-    unet = UNetRunner(model.unet, unet_mode, params, train_cfg.channels_last, strict=train_cfg.compile != "auto")
+                                      examples.static_shapes, train_cfg.grad_accum, train_cfg.gradient_checkpointing,
+                                      world > 1)
+    unet = UNetRunner(model.unet, unet_mode, params, train_cfg.channels_last, strict=train_cfg.compile != "auto",
+                      wrap=engine.wrap)
     loss_log = speed.LossLog(speed.sync_interval(train_cfg.sync_every, device.type, optimizer,
                                                  train_cfg.mixed_precision), optimizer, device)
 
     bar = _progress(train_cfg.steps, start_step, progress and accelerator.is_main_process)
     logger = _tensorboard(out_dir, train_cfg, accelerator.is_main_process)
+    state_bytes = 0  # this run's largest per-process share of trained values, gradients and optimizer state
     for step in range(start_step, train_cfg.steps):
         _freeze_finished_groups(stops, step)
         torch.manual_seed((train_cfg.seed * 100_003 + step) % 2**64)  # dropout etc. replay after a resume
@@ -134,19 +142,21 @@ def _train(model, method, train_cfg: TrainConfig, data_cfg: DataConfig, out_dir:
         for micro in range(train_cfg.grad_accum):
             first = step * global_batch + (micro * world + rank) * train_cfg.batch_size
             positions = list(range(first, first + train_cfg.batch_size))
-            loss = _micro_batch_loss(unet, examples, positions, noise_scheduler, train_cfg, global_batch,
-                                     accelerator)
-            accelerator.backward(loss)
+            with engine.micro_batch(last=micro == train_cfg.grad_accum - 1):  # gradients synchronised once
+                loss = _micro_batch_loss(unet, examples, positions, noise_scheduler, train_cfg, local_batch,
+                                         accelerator)
+                accelerator.backward(loss)
             step_loss += loss.detach()
-        step_loss = accelerator.reduce(step_loss, "sum") if world > 1 else step_loss
+        step_loss = accelerator.reduce(step_loss, "mean") if world > 1 else step_loss
         # A non-finite loss never reaches the weights: checked here when the host reads every step, else its
         # update is skipped on the device until the next read stops the run (speed.LossLog).
         _take_losses(loss_log.push(step, step_loss), losses, bar, logger, train_cfg, out_dir)
         training = [p for p in params if p.requires_grad]
-        sum_gradients_across_processes(accelerator, training)
         if train_cfg.max_grad_norm > 0:
             accelerator.clip_grad_norm_(training, train_cfg.max_grad_norm)
         optimizer.step()
+        if step == start_step:  # gradients and optimizer state all exist now
+            state_bytes = parallel.most_over_processes(parallel.state_bytes(params, optimizer), device)
         lr_schedule.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
@@ -184,8 +194,10 @@ def _train(model, method, train_cfg: TrainConfig, data_cfg: DataConfig, out_dir:
     wall = time.time() - started
     peak = peak_memory_bytes(device)
     paths: list[Path] = []
+    engine.gather(model)  # sharded weights come together once, on the main process
     if accelerator.is_main_process:
         card = run_card(method, model, train_cfg, data_cfg, wall, peak, losses, world, validation_losses)
+        card.update({"distributed": engine.kind, "trainable_state_bytes": str(state_bytes)})
         paths = method.save(model, out_dir, name, card, fmt)
         resolved = json.dumps(json.loads(card["config"]), indent=1)
         atomic_write_via(out_dir / f"{name}.config.json", lambda tmp: tmp.write_text(resolved))
@@ -222,8 +234,9 @@ def _stop(out_dir: Path, done: int, method, model, optimizer, lr_schedule, losse
 
 
 def _micro_batch_loss(unet: UNetRunner, examples: TrainingSet, positions: list[int], noise_scheduler,
-                      cfg: TrainConfig, global_batch: int, accelerator) -> torch.Tensor:
-    """Loss of one micro-batch, normalised by the global batch so split batches sum to the whole."""
+                      cfg: TrainConfig, local_batch: int, accelerator) -> torch.Tensor:
+    """Loss of one micro-batch, normalised by this process's share of the batch: its micro-batches sum to
+    the process's mean, which the processes then average (parallel.py) into the global batch's."""
     batch = examples.batch(positions)
     latents = batch.latents.to(accelerator.device)
     count = noise_scheduler.config.num_train_timesteps
@@ -238,8 +251,8 @@ def _micro_batch_loss(unet: UNetRunner, examples: TrainingSet, positions: list[i
     if cfg.min_snr_gamma:
         losses = losses * min_snr_weights(noise_scheduler, timesteps, cfg.min_snr_gamma)
     is_class = speed.to_device(batch.is_class, latents.device)
-    n_class = global_batch if cfg.prior_preservation else 0
-    return combine(losses, is_class, cfg.prior_loss_weight, global_batch, n_class)
+    n_class = local_batch if cfg.prior_preservation else 0
+    return combine(losses, is_class, cfg.prior_loss_weight, local_batch, n_class)
 
 
 def timestep_range(cfg: TrainConfig, count: int) -> tuple[int, int]:
