@@ -79,3 +79,44 @@ def test_fsdp_two_processes_train_dreambooth_like_one_process_with_the_doubled_b
     for key in whole:
         torch.testing.assert_close(sharded[key], whole[key], rtol=1e-3, atol=2e-3)
     assert (two / "sks" / "unet" / "diffusion_pytorch_model.safetensors").is_file()  # and the pipeline folder
+
+
+def children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_a_process_that_stops_answering_stops_the_other_and_resume_continues(subject_dir, tmp_path):
+    """Two "machines" on localhost (one torchrun each, ranks by --node-rank); SIGSTOP one worker, so its
+    launcher does not tear the job down: the other gives up after --distributed-timeout with one line."""
+    run = [*COMMON, "--steps", "12", "--images", str(subject_dir), "--checkpoint-every", "2"]  # the later --steps wins
+    out = tmp_path / "run"
+    logs = [open(tmp_path / f"node{rank}.log", "w") for rank in (0, 1)]
+    nodes = [torchrun(["--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
+                       "--rdzv-endpoint", "localhost:29563"],
+                      [*run, "--batch-size", "1", "--distributed-timeout", "10", "--output", str(out)],
+                      stdout=log, stderr=subprocess.STDOUT) for rank, log in zip((0, 1), logs)]
+    worker = None
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoints" / "step-000002" / "state.json").is_file():
+            assert nodes[0].poll() is None and time.monotonic() < deadline, (tmp_path / "node0.log").read_text()
+            time.sleep(0.02)
+        worker = children(nodes[1].pid)[0]
+        os.kill(worker, signal.SIGSTOP)
+        assert nodes[0].wait(timeout=120) != 0
+    finally:
+        if worker is not None:
+            os.kill(worker, signal.SIGKILL)  # the stopped worker this test started
+        for node in nodes:
+            node.wait(timeout=60)
+    said = [line for line in (tmp_path / "node0.log").read_text().splitlines() if "stopped answering" in line]
+    assert len(said) == 1 and "rank 1 of 2" in said[0] and "--resume latest" in said[0], said
+    assert not (out / "sks.safetensors").exists()
+
+    # One process with the doubled batch continues it (2 x 1 trains like 1 x 2) to the uninterrupted weights.
+    assert main([*run, "--batch-size", "2", "--resume", "latest", "--output", str(out)]) == 0
+    assert main([*run, "--batch-size", "2", "--output", str(tmp_path / "whole")]) == 0
+    resumed, _ = load_artifact(out / "sks.safetensors")
+    whole, _ = load_artifact(tmp_path / "whole" / "sks.safetensors")
+    for key in whole:
+        torch.testing.assert_close(resumed[key], whole[key], rtol=1e-3, atol=5e-5)
