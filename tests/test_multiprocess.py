@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun i
 
 
 def torchrun(launch: list[str], argv: list[str], **popen) -> subprocess.Popen:
-    """`torchrun LAUNCH -m sdtune.cli ARGV` with one thread per process."""
+    """`torchrun LAUNCH -m sdtune.cli ARGV` (started, not waited for) with one thread per process."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.Popen([TORCHRUN, *launch, "-m", "sdtune.cli", *argv], env=env, text=True, **popen)
 
@@ -62,8 +62,9 @@ def test_fsdp_two_processes_train_dreambooth_like_one_process_with_the_doubled_b
     dreambooth = ["train", "dreambooth", "--model", "tiny:sd1", "--token", "sks", "--steps", "20", "--lr", "1e-3",
                   "--quiet", "--images", str(subject_dir)]
     two, one = tmp_path / "two", tmp_path / "one"
-    run_to_end(["--nproc_per_node", "2", "--master_port", "29562"],
-               [*dreambooth, "--batch-size", "1", "--distributed", "fsdp", "--output", str(two)])
+    sharded_run = ["--nproc_per_node", "2", "--master_port", "29562"], \
+        [*dreambooth, "--batch-size", "1", "--distributed", "fsdp", "--checkpoint-every", "10", "--output", str(two)]
+    run_to_end(*sharded_run)
     assert main([*dreambooth, "--batch-size", "2", "--output", str(one)]) == 0
 
     sharded, card = load_artifact(two / "sks.safetensors")
@@ -79,6 +80,14 @@ def test_fsdp_two_processes_train_dreambooth_like_one_process_with_the_doubled_b
     for key in whole:
         torch.testing.assert_close(sharded[key], whole[key], rtol=1e-3, atol=2e-3)
     assert (two / "sks" / "unet" / "diffusion_pytorch_model.safetensors").is_file()  # and the pipeline folder
+
+    # Each process wrote its shard of step 10; resuming it on two processes ends on the same weights, bit for bit.
+    assert sorted(p.name for p in (two / "checkpoints" / "step-000010" / "shards").iterdir()) == \
+        [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert not (two / "checkpoints" / "step-000010" / "trainable.safetensors").exists()
+    run_to_end(sharded_run[0], [*sharded_run[1], "--resume", "latest"])
+    resumed, _ = load_artifact(two / "sks.safetensors")
+    assert all(torch.equal(resumed[key], sharded[key]) for key in sharded)
 
 
 def children(pid: int) -> list[int]:

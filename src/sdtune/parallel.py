@@ -41,8 +41,18 @@ class Single:
     def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
+    shards = False  # whether checkpoints hold each process's shard (torch's distributed checkpoint)
+
+    @property
+    def is_main(self) -> bool:
+        return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
     def gather(self, model) -> None:
         """Make `model` hold its full trained weights on the main process (for saving)."""
+
+    def write_shards(self, folder: Path, optimizer) -> Path | None:
+        """Every process writes its shard of the trained values and optimizer state into `folder`."""
+        return None
 
 
 class Replicated(Single):
@@ -72,6 +82,7 @@ class Sharded(Single):
     items: the UNet's down/up blocks and mid-block layers, a text encoder's layers) plus the component."""
 
     kind = "fsdp"
+    shards = True
 
     def __init__(self, model, names: list[str], weight_dtype: torch.dtype):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -86,6 +97,7 @@ class Sharded(Single):
             for block in _blocks(components[name]):
                 fully_shard(block, mp_policy=policy)
             self.roots.append(fully_shard(components[name], mp_policy=policy))
+        self.sharded = torch.nn.ModuleDict(dict(zip(names, self.roots)))  # one module for the state dicts
 
     def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
         for root in self.roots:
@@ -104,6 +116,34 @@ class Sharded(Single):
             if main:
                 twin.load_state_dict(full, assign=True)
                 model.replace(name, twin)
+
+
+    def write_shards(self, folder: Path, optimizer) -> Path:
+        """torch's distributed checkpoint: each process writes only its own shard (no gathering)."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._state(optimizer), checkpoint_id=str(folder))
+        return folder
+
+    def read_shards(self, folder: Path, optimizer) -> None:
+        """Load what write_shards wrote (same processes) into the sharded model and the optimizer."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        state = self._state(optimizer)
+        dcp.load(state, checkpoint_id=str(folder))
+        set_state_dict(self.sharded, _unwrapped(optimizer), model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+
+    def _state(self, optimizer) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(self.sharded, _unwrapped(optimizer))
+        return {"model": model_state, "optimizer": optimizer_state}
+
+
+def _unwrapped(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the torch optimizer
 
 
 def prepare(train_cfg, data_cfg, method, model, param_groups: list[dict], world: int, device: torch.device,
@@ -138,7 +178,7 @@ FSDP_REFUSALS = {
                         "holds only part of",
     "validation_images": "the validation loss is read by the main process alone, from a model each process "
                          "holds only part of",
-    "checkpoint_every": "sharded checkpoints are not written yet",
+    "ema_decay": "the moving average of sharded weights is not kept yet",
     "use_8bit_adam": "bitsandbytes' 8-bit AdamW does not step sharded parameters",
 }
 

@@ -117,7 +117,7 @@ def _train(model, method, train_cfg: TrainConfig, data_cfg: DataConfig, out_dir:
     optimizer = accelerator.prepare(optimizer)
     start_step, losses, validation_losses = 0, [], []
     if train_cfg.resume:
-        start_step, losses = checkpoints.restore(out_dir, train_cfg, method, model, optimizer, lr_schedule)
+        start_step, losses = checkpoints.restore(out_dir, train_cfg, method, model, optimizer, lr_schedule, engine)
     ema = _ema(params, train_cfg.ema_decay, start_step)
     if ema is not None and start_step:
         checkpoints.restore_ema(out_dir, train_cfg.resume, ema)
@@ -173,8 +173,8 @@ def _train(model, method, train_cfg: TrainConfig, data_cfg: DataConfig, out_dir:
             _take_losses(loss_log.pull(), losses, bar, logger, train_cfg, out_dir)  # before anything is written
         if checkpoint_now:  # a finite loss does not rule out non-finite weights: checked before each write
             faults.check_weights(params, done, train_cfg.lr, train_cfg.weight_decay, out_dir)
-        if accelerator.is_main_process and checkpoint_now:
-            checkpoints.save(out_dir, done, method, model, optimizer, lr_schedule, losses, train_cfg, ema)
+        if checkpoint_now:  # every process: a sharded run writes each one's shard
+            checkpoints.save(out_dir, done, method, model, optimizer, lr_schedule, losses, train_cfg, ema, engine)
         if accelerator.is_main_process and validate_now:
             _validation_image(model, examples, train_cfg, out_dir, done, logger)
         if held_out is not None and (done % held_out.every(train_cfg) == 0 or done == train_cfg.steps):
