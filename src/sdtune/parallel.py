@@ -78,8 +78,10 @@ class Replicated(Single):
 
 
 class Sharded(Single):
-    """FSDP2 over the components holding trained values, one unit per block (the outermost ModuleList's
-    items: the UNet's down/up blocks and mid-block layers, a text encoder's layers) plus the component."""
+    """FSDP2 over the components holding trained values: one unit per item of every ModuleList in them (a
+    UNet's blocks, their ResNet and attention layers, each transformer block; a text encoder's layers), each
+    owning what its own units do not, plus the component for the rest. Fine units keep the values gathered
+    at once small (SDXL's largest: 49 M of its 2.6 B)."""
 
     kind = "fsdp"
     shards = True
@@ -94,8 +96,8 @@ class Sharded(Single):
                                       reduce_dtype=torch.float32)
         self.roots = []
         for name in names:
-            for block in _blocks(components[name]):
-                fully_shard(block, mp_policy=policy)
+            for unit in reversed(list(_units(components[name]))):  # the innermost first, as FSDP2 wants
+                fully_shard(unit, mp_policy=policy)
             self.roots.append(fully_shard(components[name], mp_policy=policy))
         self.sharded = torch.nn.ModuleDict(dict(zip(names, self.roots)))  # one module for the state dicts
 
@@ -196,13 +198,15 @@ def _check_shardable(method, cfg, data_cfg) -> None:
                           f"(not {cfg.compile}).")
 
 
-def _blocks(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """The items of the outermost ModuleLists below `module` (a UNet's blocks, a text encoder's layers)."""
+def _units(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The items of every ModuleList below `module`, each before the ones inside it."""
     for child in module.children():
         if isinstance(child, torch.nn.ModuleList):
-            yield from child
+            for item in child:
+                yield item
+                yield from _units(item)
         else:
-            yield from _blocks(child)
+            yield from _units(child)
 
 
 def _meta_twin(module: torch.nn.Module) -> torch.nn.Module:
