@@ -146,19 +146,20 @@ def restore(out_dir: Path, cfg: TrainConfig, method, model, optimizer, lr_schedu
         written = "sharded (--distributed fsdp)" if sharded else "whole"
         raise SdtuneError(f"Checkpoint {path} was written {written}; resume it with "
                           f"{'--distributed fsdp' if sharded else '--distributed ddp or auto'}, as it was trained.")
+    if not sharded:
+        tensors, _ = load_artifact(path / WEIGHTS_FILE)
+        check_tensors(path, tensors, method.state_dict(model))
+        method.load_state_dict(model, tensors)
     configured = [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups]
     saved, _ = load_artifact(path / "optimizer.pt")  # tensors and numbers only, so never code
     check_optimizer(path, saved, optimizer)
-    if sharded:
+    if sharded:  # the values and the optimizer's state, each process its own shard
         try:
             engine.read_shards(path / SHARDS_DIR, optimizer)
         except (RuntimeError, ValueError, KeyError) as exc:  # another model, settings or number of processes
             raise SdtuneError(f"Checkpoint {path} does not fit this run's sharded model "
                               f"({str(exc).strip().splitlines()[0][:120]}); {NEW_RUN}.") from None
     else:
-        tensors, _ = load_artifact(path / WEIGHTS_FILE)
-        check_tensors(path, tensors, method.state_dict(model))
-        method.load_state_dict(model, tensors)
         optimizer.load_state_dict(saved["optimizer"])
     lr_schedule.load_state_dict(saved["lr_schedule"])
     _use_learning_rates(optimizer, lr_schedule, configured)

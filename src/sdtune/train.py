@@ -192,7 +192,7 @@ def _train(model, method, train_cfg: TrainConfig, data_cfg: DataConfig, out_dir:
         ema.copy_to(params)
     faults.check_weights(params, train_cfg.steps, train_cfg.lr, train_cfg.weight_decay, out_dir)
     wall = time.time() - started
-    peak = peak_memory_bytes(device)
+    peak = parallel.most_over_processes(peak_memory_bytes(device), device)  # the fullest process's
     paths: list[Path] = []
     engine.gather(model)  # sharded weights come together once, on the main process
     if accelerator.is_main_process:
