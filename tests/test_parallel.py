@@ -31,3 +31,16 @@ def test_one_process_records_that_nothing_was_shared(tmp_path, subject_dir):
     # the trained values, their gradients and AdamW's two moments: four fp32 copies (plus step counters)
     trained = sum(t.numel() * 4 for key, t in tensors.items() if not key.endswith(".alpha"))
     assert 4 * trained <= int(card["trainable_state_bytes"]) <= 4 * trained + 8 * len(tensors)
+
+
+def test_bench_sharding_tabulates_the_trained_state_per_process(capsys):
+    assert main(["bench", "sharding", "--model", "tiny:sd1", "--method", "dreambooth,lora", "--json"]) == 0
+    import json
+
+    rows = {row["method"]: row for row in json.loads(capsys.readouterr().out)["rows"]}
+    dreambooth, lora = rows["dreambooth"], rows["lora"]
+    assert dreambooth["engine"] == "fsdp" and lora["engine"] == "ddp"
+    whole = dreambooth["trainable_params"] * 16  # value, gradient and two AdamW moments, fp32
+    assert [dreambooth["per_process"][n] for n in ("1", "2", "8")] == [whole, whole // 2, whole // 8]
+    assert len(set(lora["per_process"].values())) == 1  # every ddp process holds all of it
+    assert 0 < dreambooth["largest_unit"] < dreambooth["trainable_params"]

@@ -155,6 +155,9 @@ def prepare(train_cfg, data_cfg, method, model, param_groups: list[dict], world:
     choice = train_cfg.distributed
     if choice == "fsdp":
         _check_shardable(method, train_cfg, data_cfg)
+        if any(group.get("stop_after") for group in param_groups):
+            raise SdtuneError("--distributed fsdp cannot stop training part of the model mid-run "
+                              "(--train-text-encoder-steps) yet; drop one of them.")
     if world == 1:
         if choice != "auto":
             raise SdtuneError(f"--distributed {choice} needs several processes; launch with torchrun "

@@ -83,7 +83,6 @@ def _train(model, method, train_cfg: TrainConfig, data_cfg: DataConfig, out_dir:
     torch.manual_seed(train_cfg.seed)
     method.check_data(model, data_cfg)  # method-specific warnings about the data (e.g. a common token)
     param_groups = _as_param_groups(method.setup(model))
-    stops = [(group.pop("stop_after"), group["params"]) for group in param_groups if group.get("stop_after")]
     params = [p for group in param_groups for p in group["params"]]
     for param in params:
         param.data = param.data.float()  # trainable values always in fp32
@@ -95,6 +94,7 @@ def _train(model, method, train_cfg: TrainConfig, data_cfg: DataConfig, out_dir:
     # Several processes: DDP, or FSDP sharding the trained components (their parameters are replaced).
     engine = parallel.prepare(train_cfg, data_cfg, method, model, param_groups, world, device, weight_dtype)
     params = [p for group in param_groups for p in group["params"]]
+    stops = [(group.pop("stop_after"), group["params"]) for group in param_groups if group.get("stop_after")]
 
     # 2. Examples: latents and text conditioning computed once where nothing about them changes.
     templates = method.prompt_templates(model)
