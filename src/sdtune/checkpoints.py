@@ -1,12 +1,12 @@
 """Resumable training checkpoints under OUTPUT/checkpoints/step-NNNNNN/, each written atomically.
 
 A checkpoint holds the trained values (safetensors), the optimizer, LR-schedule and EMA state (plain
-tensors and numbers, so they load with torch.load(weights_only=True)) — or, for a sharded run (FSDP), each
-process's shard of the trained values and optimizer state in torch's distributed-checkpoint folder `shards/`
-(written by every process in place, so an output shared by several machines must be a shared folder) — the step and loss history, and what a
+tensors and numbers, so they load with torch.load(weights_only=True)), the step and loss history, and what a
 resume must match: the method, the base model (family and fingerprint) and the planned steps. The trained
 tensors' names and shapes and the optimizer's group layout are compared from the files themselves, so
-checkpoints written before these records existed are checked the same way.
+checkpoints written before these records existed are checked the same way. A sharded run (FSDP) keeps
+each process's shard of the trained values and optimizer state in torch's distributed-checkpoint folder
+`shards/` instead, written by every process in place (an output used by several machines must be shared).
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ single  one process: nothing to share.
 ddp     torch's DistributedDataParallel: every process holds the whole model; gradients are averaged in
         buckets while the backward pass still runs (overlapping it), and not at all on the micro-batches an
         accumulating step sums first (no_sync).
-fsdp    FSDP2 (`fully_shard`) on every block of each trained component: parameters, gradients and Adam state
-        are split across processes and a block is gathered only while it computes. For full fine-tunes.
+fsdp    FSDP2 (`fully_shard`) on every layer of each trained component: parameters, gradients and Adam state
+        are split across processes and a layer is gathered only while it computes. For full fine-tunes.
 
 Each process's loss is the mean over its own share of the global batch and both engines average gradients
 over processes, so N processes with batch B step like one process with batch N*B.
@@ -30,18 +30,18 @@ LOST_PEER_SIGNS = ("Timed out waiting", "Connection closed by peer", "Connection
                    "collective operation timeout", "NCCL communicator was aborted")
 ROLL_CALL_SECONDS = 5.0  # how long survivors wait for each other to say they still answer
 
+
 class Single:
     """One process: the loop's own step, nothing wrapped."""
 
     kind = "single"
+    shards = False  # whether checkpoints hold each process's shard (torch's distributed checkpoint)
 
     def wrap(self, call: torch.nn.Module) -> torch.nn.Module:
         return call
 
     def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
-
-    shards = False  # whether checkpoints hold each process's shard (torch's distributed checkpoint)
 
     @property
     def is_main(self) -> bool:
@@ -112,13 +112,11 @@ class Sharded(Single):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # only rank 0 receives them
-        main = torch.distributed.get_rank() == 0
         for (name, twin), root in zip(self.twins.items(), self.roots):
             full = get_model_state_dict(root, options=options)
-            if main:
+            if self.is_main:
                 twin.load_state_dict(full, assign=True)
                 model.replace(name, twin)
-
 
     def write_shards(self, folder: Path, optimizer) -> Path:
         """torch's distributed checkpoint: each process writes only its own shard (no gathering)."""

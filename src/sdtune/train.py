@@ -3,8 +3,9 @@
 Read top to bottom: set up the device, the class images (prior preservation) and the method, prepare
 examples (latents and text encoded up front and cached when possible), build the optimizer, resume if asked,
 then step: freeze param groups past their stop step, draw noise per sample, predict, weigh the loss,
-accumulate (several processes: parallel.py averages gradients, or shards them), clip, update, average (EMA); read the loss on the host
-(every step on a CPU, every few on a GPU: speed.py); checkpoint, validate, log; save.
+accumulate (several processes: parallel.py averages gradients across them, or shards them), clip, update,
+average (EMA); read the loss on the host (every step on a CPU, every few on a GPU: speed.py); checkpoint,
+validate, log; save.
 """
 
 from __future__ import annotations
