@@ -24,10 +24,11 @@ import torch
 from .errors import SdtuneError
 from .faults import resume_hint
 
-# How a collective that waited in vain for another process fails (gloo, NCCL): the process-group timeout ran
-# out or the peer's connection broke.
-LOST_PEER_SIGNS = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer",
-                   "collective operation timeout", "NCCL communicator was aborted")
+# How a collective that waited in vain for another process fails (gloo, NCCL), in lower case: the
+# process-group timeout ran out ("Timed out waiting 10000ms for recv", "Application timeout caused pair
+# closure", "collective operation timeout") or the peer's connection broke.
+LOST_PEER_SIGNS = ("timed out", "timeout", "connection closed by peer", "connection reset by peer",
+                   "communicator was aborted")
 ROLL_CALL_SECONDS = 5.0  # how long survivors wait for each other to say they still answer
 
 
@@ -247,7 +248,7 @@ def lost_process_advice(out_dir: str | Path) -> Iterator[None]:
     try:
         yield
     except RuntimeError as exc:
-        if not torch.distributed.is_initialized() or not any(sign in str(exc) for sign in LOST_PEER_SIGNS):
+        if not torch.distributed.is_initialized() or not any(sign in str(exc).lower() for sign in LOST_PEER_SIGNS):
             raise
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         silent = _silent_processes(rank, world)
