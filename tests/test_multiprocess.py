@@ -4,6 +4,7 @@ method, FSDP (sharded) for DreamBooth; a process that stops answering stops the 
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -20,6 +21,19 @@ TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 COMMON = ["train", "lora", "--model", "tiny:sd1", "--token", "sks", "--steps", "3", "--lr", "1e-2",
           "--format", "sdtune", "--quiet", "--log-dir", "none"]
 pytestmark = pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun is not installed")
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_line(method: str) -> tuple[list[str], list[str]]:
+    """The README's 2-CPU-process torchrun line for `method`: (torchrun's flags, sdtune's arguments). Tests
+    run it with their own settings after it (a repeated flag's last value wins)."""
+    lines = [line for line in README.read_text(encoding="utf-8").splitlines()
+             if line.startswith("torchrun") and "tests/test_multiprocess.py runs this line" in line
+             and f" train {method} " in line]
+    assert len(lines) == 1, f"the README lacks its 2-process {method} line"
+    argv = shlex.split(lines[0].split(" #")[0])
+    module = argv.index("-m")
+    return argv[1:module], argv[module + 2:]
 
 
 def torchrun(launch: list[str], argv: list[str], **popen) -> subprocess.Popen:
@@ -37,8 +51,10 @@ def run_to_end(launch: list[str], argv: list[str]) -> None:
 def test_two_processes_equal_one_process_with_the_same_global_batch(subject_dir, tmp_path):
     two = tmp_path / "two"
     # 2 processes x batch 1 x 2 accumulated micro-batches (DDP skips the exchange on the first: no_sync)
-    run_to_end(["--nproc_per_node", "2", "--master_port", "29561"],
-               [*COMMON, "--images", str(subject_dir), "--batch-size", "1", "--grad-accum", "2", "--output", str(two)])
+    launch, readme = readme_line("lora")
+    run_to_end([*launch, "--master_port", "29561"],
+               [*readme, *COMMON[2:], "--images", str(subject_dir), "--batch-size", "1", "--grad-accum", "2",
+                "--output", str(two)])
     one = tmp_path / "one"
     assert main([*COMMON, "--images", str(subject_dir), "--batch-size", "4", "--output", str(one)]) == 0
     a, card = load_artifact(two / "sks.safetensors")
@@ -62,8 +78,10 @@ def test_fsdp_two_processes_train_dreambooth_like_one_process_with_the_doubled_b
     dreambooth = ["train", "dreambooth", "--model", "tiny:sd1", "--token", "sks", "--steps", "20", "--lr", "1e-3",
                   "--quiet", "--images", str(subject_dir)]
     two, one = tmp_path / "two", tmp_path / "one"
-    sharded_run = ["--nproc_per_node", "2", "--master_port", "29562"], \
-        [*dreambooth, "--batch-size", "1", "--distributed", "fsdp", "--checkpoint-every", "10", "--output", str(two)]
+    launch, readme = readme_line("dreambooth")
+    assert "fsdp" in readme
+    sharded_run = [*launch, "--master_port", "29562"], \
+        [*readme, *dreambooth[2:], "--batch-size", "1", "--checkpoint-every", "10", "--output", str(two)]
     run_to_end(*sharded_run)
     assert main([*dreambooth, "--batch-size", "2", "--output", str(one)]) == 0
 
