@@ -10,10 +10,10 @@ import subprocess
 import sys
 
 from .bench import BenchSpec, quiet_warnings, run_bench
-from .bench_sizes import artifact_sizes, human_bytes
+from .bench_sizes import WORLD_SIZES, artifact_sizes, human_bytes, sharded_state
 from .errors import SdtuneError
 
-BENCH_KINDS = ("steps", "sizes", "scaling")
+BENCH_KINDS = ("steps", "sizes", "scaling", "sharding")
 
 
 def bench_from_args(args) -> str:
@@ -52,11 +52,16 @@ def bench_command(kind: str, spec: BenchSpec, as_json: bool, resolutions: list[i
             result = artifact_sizes(spec.model, spec.methods)
     elif kind == "scaling":
         result = scaling(spec, resolutions, batch_sizes)
+    elif kind == "sharding":
+        spec.check()
+        with quiet_warnings():
+            result = sharded_state(spec.model, spec.methods)
     else:
         raise SdtuneError(f"Unknown benchmark '{kind}'; use one of {', '.join(BENCH_KINDS)}.")
     if as_json:
         return json.dumps(result)
-    return {"steps": steps_table, "sizes": sizes_table, "scaling": scaling_table}[kind](result)
+    tables = {"steps": steps_table, "sizes": sizes_table, "scaling": scaling_table, "sharding": sharding_table}
+    return tables[kind](result)
 
 
 def _cell(value, digits: int = 2) -> str:
@@ -100,6 +105,16 @@ def sizes_table(result: dict) -> str:
     rows = [[row["method"], f"{row['trainable_params']:,}", human_bytes(row["bytes"]),
              ", ".join(f"{name} {human_bytes(size)}" for name, size in row["files"].items()), row["how"]]
             for row in result["rows"]]
+    return f"model {result['model']}\n\n" + _table(header, rows)
+
+
+def sharding_table(result: dict) -> str:
+    """Each method's trained state per process (values, gradients, AdamW) at 1-8 processes."""
+    header = ["method", "trained values", "engine", *(f"{n} process{'es' if n > 1 else ''}" for n in WORLD_SIZES),
+              "largest FSDP unit"]
+    rows = [[row["method"], f"{row['trainable_params']:,}", row["engine"],
+             *(human_bytes(row["per_process"][n]) for n in WORLD_SIZES),
+             f"{row['largest_unit']:,}" if row["largest_unit"] else "–"] for row in result["rows"]]
     return f"model {result['model']}\n\n" + _table(header, rows)
 
 

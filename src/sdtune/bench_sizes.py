@@ -31,8 +31,9 @@ def _materialise(params: list[torch.nn.Parameter]) -> None:
                                                                requires_grad=param.requires_grad))
 
 
-def method_size(spec: str, method_name: str, out_dir: Path) -> dict:
-    """What `method_name`'s default artifact for the `spec` architecture weighs, and how that was found."""
+def _set_up(spec: str, method_name: str):
+    """(model, method, trained parameters): `method_name` with its defaults set up on the `spec` architecture
+    built on the meta device (no memory)."""
     from . import methods
     from .bench import DEFAULT_TOKEN
     from .config import DataConfig
@@ -43,7 +44,12 @@ def method_size(spec: str, method_name: str, out_dir: Path) -> dict:
     method_cls = methods.get(method_name)
     method = method_cls()
     method.check_data(model, DataConfig(token=method_cls.token_template.format(token=DEFAULT_TOKEN), class_word="dog"))
-    params = [p for group in _as_param_groups(method.setup(model)) for p in group["params"]]
+    return model, method, [p for group in _as_param_groups(method.setup(model)) for p in group["params"]]
+
+
+def method_size(spec: str, method_name: str, out_dir: Path) -> dict:
+    """What `method_name`'s default artifact for the `spec` architecture weighs, and how that was found."""
+    model, method, params = _set_up(spec, method_name)
     record = {"method": method_name, "model": spec, "trainable_params": sum(p.numel() for p in params)}
     planned = method.planned_files(model, method_name)
     if planned is not None:
@@ -62,6 +68,38 @@ def artifact_sizes(spec: str, method_names: list[str]) -> dict:
     with tempfile.TemporaryDirectory(prefix="sdtune-sizes-") as tmp:
         rows = [method_size(spec, name, Path(tmp)) for name in method_names]
     return {"kind": "sizes", "model": spec, "rows": rows}
+
+
+WORLD_SIZES = (1, 2, 4, 8)
+ADAMW_BYTES_PER_VALUE = 16  # the fp32 value, its fp32 gradient and AdamW's two fp32 moments
+
+
+def sharded_state(spec: str, method_names: list[str]) -> dict:
+    """Per process, the bytes of each method's trained values, gradients and AdamW state at 1, 2, 4 and 8
+    processes: split by --distributed fsdp where the method shards, whole in every process (ddp) elsewhere;
+    and the largest FSDP unit (values gathered at once)."""
+    from .parallel import _units
+
+    rows = []
+    for name in method_names:
+        model, method, params = _set_up(spec, name)
+        trained = sum(p.numel() for p in params)
+        ids = {id(p) for p in params}
+        units = [unit for module in model.components().values() for unit in _units(module)
+                 if any(id(p) in ids for p in unit.parameters())] if method.shardable else []
+        rows.append({"method": name, "engine": "fsdp" if method.shardable else "ddp", "trainable_params": trained,
+                     "per_process": {n: trained * ADAMW_BYTES_PER_VALUE // (n if method.shardable else 1)
+                                     for n in WORLD_SIZES},
+                     "largest_unit": max((_own_values(unit) for unit in units), default=0)})
+    return {"kind": "sharding", "model": spec, "rows": rows}
+
+
+def _own_values(unit: torch.nn.Module) -> int:
+    """Values an FSDP unit gathers itself: its parameters outside the units nested in it."""
+    from .parallel import _units
+
+    nested = {id(p) for inner in _units(unit) for p in inner.parameters()}
+    return sum(p.numel() for p in unit.parameters() if id(p) not in nested)
 
 
 BYTE_UNITS = ((GIB, "GiB"), (2**20, "MiB"), (2**10, "KiB"), (1, "B"))

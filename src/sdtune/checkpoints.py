@@ -4,7 +4,9 @@ A checkpoint holds the trained values (safetensors), the optimizer, LR-schedule 
 tensors and numbers, so they load with torch.load(weights_only=True)), the step and loss history, and what a
 resume must match: the method, the base model (family and fingerprint) and the planned steps. The trained
 tensors' names and shapes and the optimizer's group layout are compared from the files themselves, so
-checkpoints written before these records existed are checked the same way.
+checkpoints written before these records existed are checked the same way. A sharded run (FSDP) keeps
+each process's shard of the trained values and optimizer state in torch's distributed-checkpoint folder
+`shards/` instead, written by every process in place (an output used by several machines must be shared).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .errors import SdtuneError
 PREFIX = "step-"
 EMA_FILE = "ema.pt"
 WEIGHTS_FILE = "trainable.safetensors"
+SHARDS_DIR = "shards"
 _NAME = re.compile(rf"{PREFIX}(\d+)")
 NEW_RUN = "resume with the settings it was trained with or start a new --output"
 ANOTHER = "resume from another checkpoint with --resume FOLDER or start a new --output"
@@ -50,15 +53,23 @@ def folder(out_dir: Path) -> Path:
 
 
 def save(out_dir: Path, step: int, method, model, optimizer, lr_schedule, losses: list[float], cfg: TrainConfig,
-         ema=None) -> Path:
+         ema=None, engine=None) -> Path:
     """Write checkpoint `step` (with the EMA's state when there is one) and drop the oldest beyond
-    cfg.keep_checkpoints; cfg is the run's TrainConfig (its planned steps are recorded)."""
+    cfg.keep_checkpoints; cfg is the run's TrainConfig (its planned steps are recorded). With a parallel
+    `engine` every process calls this (a sharding one has each write its shard); without, the main one."""
     target = folder(out_dir) / f"{PREFIX}{step:06d}"
     target.parent.mkdir(parents=True, exist_ok=True)
+    shards = engine.write_shards(target.with_name(f".{target.name}.shards"), optimizer) if engine else None
+    if engine is not None and not engine.is_main:
+        return target
     with atomic_output_dir(target) as tmp:
-        save_artifact(tmp / WEIGHTS_FILE, method.state_dict(model), {"step": str(step)})
-        torch.save({"optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict()},
-                   tmp / "optimizer.pt")
+        optimizer_state = optimizer.state_dict()
+        if shards is None:
+            save_artifact(tmp / WEIGHTS_FILE, method.state_dict(model), {"step": str(step)})
+        else:  # the shards hold the values and the optimizer's state; the groups stay here for the checks
+            os.replace(shards, tmp / SHARDS_DIR)
+            optimizer_state = {"state": {}, "param_groups": optimizer_state["param_groups"]}
+        torch.save({"optimizer": optimizer_state, "lr_schedule": lr_schedule.state_dict()}, tmp / "optimizer.pt")
         if ema is not None:
             torch.save(ema.state_dict(), tmp / EMA_FILE)
         records = {key: current(method, model) for key, (_, current, _) in RECORDS.items()}
@@ -104,7 +115,10 @@ def finite(tensors: Iterable[torch.Tensor]) -> bool:
 
 
 def has_finite_weights(checkpoint: Path) -> bool:
-    """Whether the checkpoint's trained values load and are all finite, read one tensor at a time."""
+    """Whether the checkpoint's trained values load and are all finite, read one tensor at a time (sharded
+    ones were checked by every process before they were written)."""
+    if (checkpoint / SHARDS_DIR / ".metadata").is_file():
+        return True
     try:
         with safe_open(str(checkpoint / WEIGHTS_FILE), framework="pt", device="cpu") as f:
             return all(finite([f.get_tensor(key)]) for key in f.keys())
@@ -117,22 +131,36 @@ def resumable(out_dir: Path) -> Path | None:
     return next((p for p in reversed(list_checkpoints(out_dir)) if has_finite_weights(p)), None)
 
 
-def restore(out_dir: Path, cfg: TrainConfig, method, model, optimizer, lr_schedule) -> tuple[int, list[float]]:
+def restore(out_dir: Path, cfg: TrainConfig, method, model, optimizer, lr_schedule,
+            engine=None) -> tuple[int, list[float]]:
     """Load checkpoint cfg.resume ('latest' or a folder) into the set-up method/optimizer; return (step, losses).
     Refused in one line when it does not fit this run. The learning rates are the ones
-    the run is given now (the same, unless lowered after a divergence)."""
+    the run is given now (the same, unless lowered after a divergence). Every process calls this."""
     path = _find(out_dir, cfg.resume)
     if path is None:
         return 0, []  # nothing saved yet: a resumed run simply starts from the beginning
     state = read_state(path)
     check_run(path, state, cfg.steps, method, model)
-    tensors, _ = load_artifact(path / WEIGHTS_FILE)
-    check_tensors(path, tensors, method.state_dict(model))
-    method.load_state_dict(model, tensors)
+    sharded, shards_here = (path / SHARDS_DIR).is_dir(), bool(engine is not None and engine.shards)
+    if sharded != shards_here:
+        written = "sharded (--distributed fsdp)" if sharded else "whole"
+        raise SdtuneError(f"Checkpoint {path} was written {written}; resume it with "
+                          f"{'--distributed fsdp' if sharded else '--distributed ddp or auto'}, as it was trained.")
+    if not sharded:
+        tensors, _ = load_artifact(path / WEIGHTS_FILE)
+        check_tensors(path, tensors, method.state_dict(model))
+        method.load_state_dict(model, tensors)
     configured = [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups]
     saved, _ = load_artifact(path / "optimizer.pt")  # tensors and numbers only, so never code
     check_optimizer(path, saved, optimizer)
-    optimizer.load_state_dict(saved["optimizer"])
+    if sharded:  # the values and the optimizer's state, each process its own shard
+        try:
+            engine.read_shards(path / SHARDS_DIR, optimizer)
+        except (RuntimeError, ValueError, KeyError) as exc:  # another model, settings or number of processes
+            raise SdtuneError(f"Checkpoint {path} does not fit this run's sharded model "
+                              f"({str(exc).strip().splitlines()[0][:120]}); {NEW_RUN}.") from None
+    else:
+        optimizer.load_state_dict(saved["optimizer"])
     lr_schedule.load_state_dict(saved["lr_schedule"])
     _use_learning_rates(optimizer, lr_schedule, configured)
     return state["step"], [float(loss) for loss in state["losses"]]

@@ -127,9 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     ext.set_defaults(handler=cmd_extract_lora)
 
     bench = sub.add_parser("bench", help="time each method's real training step; artifact sizes; scaling tables")
-    bench.add_argument("kind", nargs="?", default="steps", choices=("steps", "sizes", "scaling"),
+    bench.add_argument("kind", nargs="?", default="steps", choices=("steps", "sizes", "scaling", "sharding"),
                        help="steps: timed runs (default); sizes: full-scale artifact sizes; scaling: step time "
-                            "and peak memory against --resolutions and --batch-sizes")
+                            "and peak memory against --resolutions and --batch-sizes; sharding: trained state "
+                            "per process at 1-8 processes (ddp / fsdp)")
     bench.add_argument("--model", default="tiny:sd1", help="random:sd15|sd2|sdxl (full size, for GPUs), tiny:sd1|sd2|sdxl, "
                        "or any --model spec")
     bench.add_argument("--method", default=methods.first(),

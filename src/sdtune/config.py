@@ -18,6 +18,7 @@ from .errors import SdtuneError
 
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 # Speed settings (resolved per device and run by sdtune.speed; none changes what is learned).
+DISTRIBUTED_MODES = ("auto", "ddp", "fsdp")  # parallel.py: how several processes share a run
 COMPILE_MODES = ("auto", "off", "cuda-graphs", "default", "reduce-overhead", "max-autotune")
 ADAM_IMPLS = ("auto", "fused", "foreach", "for-loop")
 # Image sides past this need more memory than a CPU box has (and more than any SD model was trained at).
@@ -106,6 +107,12 @@ class TrainConfig:
     validation_loss_every: int = opt(0, "read the validation loss every N steps (0: ten times per run); "
                                         "needs --validation-images", min=0)
     log_dir: str = opt("", "tensorboard log folder (default: OUTPUT/logs; 'none' disables)")
+    distributed: str = opt("auto", "how several processes (torchrun) share the run: ddp (each holds the whole "
+                                   "model, gradients averaged during the backward pass) or fsdp (DreamBooth: "
+                                   "weights, gradients and Adam state sharded); auto: ddp",
+                           choices=DISTRIBUTED_MODES)
+    distributed_timeout: int = opt(1800, "seconds a process waits for the others before the run stops with an "
+                                         "error naming the silent one", min=10)
 
 
 def validate(config: Any, section: str = "") -> None:

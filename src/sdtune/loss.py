@@ -64,10 +64,11 @@ def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def combine(losses: torch.Tensor, is_class: torch.Tensor, prior_weight: float, n_instance: int,
             n_class: int) -> torch.Tensor:
-    """This micro-batch's share of: mean instance loss + prior_weight * mean class loss over the GLOBAL batch.
+    """This micro-batch's share of: mean instance loss + prior_weight * mean class loss over a batch of
+    n_instance (n_class) examples.
 
-    Dividing sums by the global counts makes the summed gradients of all micro-batches and processes
-    equal to the gradient of one big batch, however it was split.
+    Dividing sums by the whole batch's counts (a process's share of the global batch) makes the summed
+    gradients of its micro-batches the gradient of its share; processes then average theirs.
     """
     # torch.where rather than boolean indexing, which would make the host wait for the GPU every step.
     zero = torch.zeros_like(losses)

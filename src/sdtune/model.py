@@ -18,6 +18,9 @@ SPEC_HELP = ("give a diffusers pipeline folder, a .safetensors/.ckpt checkpoint,
              "'builtin', tiny:sd1|sd2|sdxl or random:sd15|sd2|sdxl")
 
 
+TEXT_ENCODER_SLOTS = {"text_encoder": 0, "text_encoder_2": 1}  # components() names -> text_encoders index
+
+
 @dataclass
 class SDModel:
     """The parts of a Stable Diffusion model plus what sdtune needs to know about them."""
@@ -55,6 +58,13 @@ class SDModel:
         if len(self.text_encoders) > 1:
             parts["text_encoder_2"] = self.text_encoders[1]
         return parts
+
+    def replace(self, name: str, module: torch.nn.Module) -> None:
+        """Put `module` in the place components() calls `name` (e.g. a sharded UNet's gathered copy)."""
+        if name in TEXT_ENCODER_SLOTS:
+            self.text_encoders[TEXT_ENCODER_SLOTS[name]] = module
+        else:
+            setattr(self, name, module)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "SDModel":
         for module in self.components().values():

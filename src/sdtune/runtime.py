@@ -1,4 +1,4 @@
-"""Device choice, accelerate set-up, cross-process gradient sums and peak-memory readings."""
+"""Device choice, accelerate set-up (with the process group's timeout) and peak-memory readings."""
 
 from __future__ import annotations
 
@@ -33,8 +33,11 @@ def is_main_process() -> bool:
 
 def make_accelerator(cfg):
     """An Accelerator on the chosen device; multi-process when launched by torchrun/accelerate launch."""
+    from datetime import timedelta
+
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import InitProcessGroupKwargs
 
     device = resolve_device(cfg.device)
     if cfg.mixed_precision == "fp16" and device == "cpu":
@@ -43,21 +46,9 @@ def make_accelerator(cfg):
     # The process group (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
     # Gradient accumulation is done by the loop itself (it also spans processes), so accelerate's is off.
-    return Accelerator(cpu=device == "cpu", mixed_precision=cfg.mixed_precision)
-
-
-def sum_gradients_across_processes(accelerator, params) -> None:
-    """Sum trainable gradients over processes (each process's loss is already its share of the global mean)."""
-    if accelerator.num_processes == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
-    offset = 0
-    for param, grad in zip(params, grads):
-        count = grad.numel()
-        param.grad = flat[offset: offset + count].view_as(grad).to(grad.dtype)
-        offset += count
+    # The timeout bounds how long a process waits in a collective for one that stopped answering.
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.distributed_timeout))
+    return Accelerator(cpu=device == "cpu", mixed_precision=cfg.mixed_precision, kwargs_handlers=[timeout])
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -29,14 +29,14 @@ GRAPH_MIN_STEPS = 10
 
 
 def resolve_compile(choice: str, device_type: str, steps: int, static_shapes: bool, grad_accum: int,
-                    gradient_checkpointing: bool) -> str:
+                    gradient_checkpointing: bool, several_processes: bool = False) -> str:
     """The UNet run mode for this run: `choice` itself unless it is auto.
 
     auto: eager off CUDA (compiling never pays on a CPU); on CUDA a captured graph of the eager kernels when
     every step has the same shapes (no compile time, no launch overhead), torch.compile's reduce-overhead
     mode when the run is long enough to repay compiling, and eager for runs too short to repay a capture
-    or when shapes vary, micro-batches accumulate (graph outputs are reused buffers) or activations are
-    recomputed.
+    or when shapes vary, micro-batches accumulate (graph outputs are reused buffers), activations are
+    recomputed or several processes exchange gradients during the backward pass (DDP, FSDP).
     """
     if choice not in COMPILE_MODES:
         raise SdtuneError(f"compile is '{choice}'; allowed values are {', '.join(COMPILE_MODES)}.")
@@ -44,10 +44,13 @@ def resolve_compile(choice: str, device_type: str, steps: int, static_shapes: bo
         raise SdtuneError("compile cuda-graphs needs a CUDA device; use off or a torch.compile mode here.")
     if choice == "cuda-graphs" and grad_accum > 1:
         raise SdtuneError("compile cuda-graphs cannot accumulate micro-batches; use --grad-accum 1 or another mode.")
+    if choice == "cuda-graphs" and several_processes:
+        raise SdtuneError("compile cuda-graphs cannot capture the gradient exchange of several processes; use "
+                          "off or a torch.compile mode.")
     if choice != "auto":
         return choice
     if device_type != "cuda" or not static_shapes or grad_accum > 1 or gradient_checkpointing \
-            or steps < GRAPH_MIN_STEPS:
+            or steps < GRAPH_MIN_STEPS or several_processes:
         return "off"
     if steps * COMPILE_SAVES_SECONDS_PER_STEP > COMPILE_SECONDS:
         return "reduce-overhead"

@@ -3,8 +3,9 @@
 Read top to bottom: set up the device, the class images (prior preservation) and the method, prepare
 examples (latents and text encoded up front and cached when possible), build the optimizer, resume if asked,
 then step: freeze param groups past their stop step, draw noise per sample, predict, weigh the loss,
-accumulate, synchronise gradients across processes, clip, update, average (EMA); read the loss on the host
-(every step on a CPU, every few on a GPU: speed.py); checkpoint, validate, log; save.
+accumulate (several processes: parallel.py averages gradients across them, or shards them), clip, update,
+average (EMA); read the loss on the host (every step on a CPU, every few on a GPU: speed.py); checkpoint,
+validate, log; save.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ from .config import DataConfig, TrainConfig, to_json
 from .conditioning import Conditioning
 from .errors import SdtuneError
 from .loss import combine, draw_noise, min_snr_weights, per_sample_mse, training_target
-from .runtime import is_main_process, make_accelerator, peak_memory_bytes, sum_gradients_across_processes
+from .runtime import is_main_process, make_accelerator, peak_memory_bytes
 from .trainset import TrainingSet, build_training_set
 from .unet_runner import UNetRunner
-from . import checkpoints, class_images, faults, outputs, speed, validation_loss
+from . import checkpoints, class_images, faults, outputs, parallel, speed, validation_loss
 
 
 @dataclass
@@ -57,7 +58,8 @@ def train(model, method, train_cfg: TrainConfig, data_cfg: DataConfig, out_dir: 
     Every path the run writes is checked before any work (outputs.py): a name that would leave `out_dir`, or a
     target sdtune did not make, is refused; the folder is locked for the run."""
     targets = outputs.plan(out_dir, name, method.output_files(name, fmt), train_cfg.log_dir)
-    with outputs.claim(targets, main_process=is_main_process()), faults.memory_advice(out_dir):
+    with outputs.claim(targets, main_process=is_main_process()), faults.memory_advice(out_dir), \
+            parallel.lost_process_advice(out_dir):
         result = _train(model, method, train_cfg, data_cfg, Path(out_dir), name, fmt, progress, on_step)
         if result.paths:
             outputs.record(targets)
@@ -82,7 +84,6 @@ def _train(model, method, train_cfg: TrainConfig, data_cfg: DataConfig, out_dir:
     torch.manual_seed(train_cfg.seed)
     method.check_data(model, data_cfg)  # method-specific warnings about the data (e.g. a common token)
     param_groups = _as_param_groups(method.setup(model))
-    stops = [(group.pop("stop_after"), group["params"]) for group in param_groups if group.get("stop_after")]
     params = [p for group in param_groups for p in group["params"]]
     for param in params:
         param.data = param.data.float()  # trainable values always in fp32
@@ -91,6 +92,10 @@ def _train(model, method, train_cfg: TrainConfig, data_cfg: DataConfig, out_dir:
         torch.cuda.reset_peak_memory_stats(device)  # peak memory measures training, not loading
     if train_cfg.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
+    # Several processes: DDP, or FSDP sharding the trained components (their parameters are replaced).
+    engine = parallel.prepare(train_cfg, data_cfg, method, model, param_groups, world, device, weight_dtype)
+    params = [p for group in param_groups for p in group["params"]]
+    stops = [(group.pop("stop_after"), group["params"]) for group in param_groups if group.get("stop_after")]
 
     # 2. Examples: latents and text conditioning computed once where nothing about them changes.
     templates = method.prompt_templates(model)
@@ -104,7 +109,8 @@ def _train(model, method, train_cfg: TrainConfig, data_cfg: DataConfig, out_dir:
     parked = examples.idle_components() if device.type == "cuda" and not train_cfg.validation_every else []
     for component in parked:
         model.components()[component].to("cpu")
-    global_batch = train_cfg.batch_size * train_cfg.grad_accum * world
+    local_batch = train_cfg.batch_size * train_cfg.grad_accum
+    global_batch = local_batch * world
 
     # 3. Optimizer and schedule; resume restores them with the trained values, the step and the EMA
     #    (an EMA missing from an older checkpoint starts from the weights as they are then).
@@ -113,7 +119,7 @@ def _train(model, method, train_cfg: TrainConfig, data_cfg: DataConfig, out_dir:
     optimizer = accelerator.prepare(optimizer)
     start_step, losses, validation_losses = 0, [], []
     if train_cfg.resume:
-        start_step, losses = checkpoints.restore(out_dir, train_cfg, method, model, optimizer, lr_schedule)
+        start_step, losses = checkpoints.restore(out_dir, train_cfg, method, model, optimizer, lr_schedule, engine)
     ema = _ema(params, train_cfg.ema_decay, start_step)
     if ema is not None and start_step:
         checkpoints.restore_ema(out_dir, train_cfg.resume, ema)
@@ -121,13 +127,16 @@ def _train(model, method, train_cfg: TrainConfig, data_cfg: DataConfig, out_dir:
     # The step's speed (speed.py): how the UNet runs (eager, captured CUDA graph or compiled) and how often
     # the host waits for the device to read the loss.
     unet_mode = speed.resolve_compile(train_cfg.compile, device.type, train_cfg.steps - start_step,
-                                      examples.static_shapes, train_cfg.grad_accum, train_cfg.gradient_checkpointing)
-    unet = UNetRunner(model.unet, unet_mode, params, train_cfg.channels_last, strict=train_cfg.compile != "auto")
+                                      examples.static_shapes, train_cfg.grad_accum, train_cfg.gradient_checkpointing,
+                                      world > 1)
+    unet = UNetRunner(model.unet, unet_mode, params, train_cfg.channels_last, strict=train_cfg.compile != "auto",
+                      wrap=engine.wrap)
     loss_log = speed.LossLog(speed.sync_interval(train_cfg.sync_every, device.type, optimizer,
                                                  train_cfg.mixed_precision), optimizer, device)
 
     bar = _progress(train_cfg.steps, start_step, progress and accelerator.is_main_process)
     logger = _tensorboard(out_dir, train_cfg, accelerator.is_main_process)
+    state_bytes = 0  # this run's largest per-process share of trained values, gradients and optimizer state
     for step in range(start_step, train_cfg.steps):
         _freeze_finished_groups(stops, step)
         torch.manual_seed((train_cfg.seed * 100_003 + step) % 2**64)  # dropout etc. replay after a resume
@@ -135,19 +144,21 @@ def _train(model, method, train_cfg: TrainConfig, data_cfg: DataConfig, out_dir:
         for micro in range(train_cfg.grad_accum):
             first = step * global_batch + (micro * world + rank) * train_cfg.batch_size
             positions = list(range(first, first + train_cfg.batch_size))
-            loss = _micro_batch_loss(unet, examples, positions, noise_scheduler, train_cfg, global_batch,
-                                     accelerator)
-            accelerator.backward(loss)
+            with engine.micro_batch(last=micro == train_cfg.grad_accum - 1):  # gradients synchronised once
+                loss = _micro_batch_loss(unet, examples, positions, noise_scheduler, train_cfg, local_batch,
+                                         accelerator)
+                accelerator.backward(loss)
             step_loss += loss.detach()
-        step_loss = accelerator.reduce(step_loss, "sum") if world > 1 else step_loss
+        step_loss = accelerator.reduce(step_loss, "mean") if world > 1 else step_loss
         # A non-finite loss never reaches the weights: checked here when the host reads every step, else its
         # update is skipped on the device until the next read stops the run (speed.LossLog).
         _take_losses(loss_log.push(step, step_loss), losses, bar, logger, train_cfg, out_dir)
         training = [p for p in params if p.requires_grad]
-        sum_gradients_across_processes(accelerator, training)
         if train_cfg.max_grad_norm > 0:
             accelerator.clip_grad_norm_(training, train_cfg.max_grad_norm)
         optimizer.step()
+        if step == start_step:  # gradients and optimizer state all exist now
+            state_bytes = parallel.most_over_processes(parallel.state_bytes(params, optimizer), device)
         lr_schedule.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
@@ -164,8 +175,8 @@ def _train(model, method, train_cfg: TrainConfig, data_cfg: DataConfig, out_dir:
             _take_losses(loss_log.pull(), losses, bar, logger, train_cfg, out_dir)  # before anything is written
         if checkpoint_now:  # a finite loss does not rule out non-finite weights: checked before each write
             faults.check_weights(params, done, train_cfg.lr, train_cfg.weight_decay, out_dir)
-        if accelerator.is_main_process and checkpoint_now:
-            checkpoints.save(out_dir, done, method, model, optimizer, lr_schedule, losses, train_cfg, ema)
+        if checkpoint_now:  # every process: a sharded run writes each one's shard
+            checkpoints.save(out_dir, done, method, model, optimizer, lr_schedule, losses, train_cfg, ema, engine)
         if accelerator.is_main_process and validate_now:
             _validation_image(model, examples, train_cfg, out_dir, done, logger)
         if held_out is not None and (done % held_out.every(train_cfg) == 0 or done == train_cfg.steps):
@@ -183,10 +194,12 @@ def _train(model, method, train_cfg: TrainConfig, data_cfg: DataConfig, out_dir:
         ema.copy_to(params)
     faults.check_weights(params, train_cfg.steps, train_cfg.lr, train_cfg.weight_decay, out_dir)
     wall = time.time() - started
-    peak = peak_memory_bytes(device)
+    peak = parallel.most_over_processes(peak_memory_bytes(device), device)  # the fullest process's
     paths: list[Path] = []
+    engine.gather(model)  # sharded weights come together once, on the main process
     if accelerator.is_main_process:
         card = run_card(method, model, train_cfg, data_cfg, wall, peak, losses, world, validation_losses)
+        card.update({"distributed": engine.kind, "trainable_state_bytes": str(state_bytes)})
         paths = method.save(model, out_dir, name, card, fmt)
         resolved = json.dumps(json.loads(card["config"]), indent=1)
         atomic_write_via(out_dir / f"{name}.config.json", lambda tmp: tmp.write_text(resolved))
@@ -223,8 +236,9 @@ def _stop(out_dir: Path, done: int, method, model, optimizer, lr_schedule, losse
 
 
 def _micro_batch_loss(unet: UNetRunner, examples: TrainingSet, positions: list[int], noise_scheduler,
-                      cfg: TrainConfig, global_batch: int, accelerator) -> torch.Tensor:
-    """Loss of one micro-batch, normalised by the global batch so split batches sum to the whole."""
+                      cfg: TrainConfig, local_batch: int, accelerator) -> torch.Tensor:
+    """Loss of one micro-batch, normalised by this process's share of the batch: its micro-batches sum to
+    the process's mean, which the processes then average (parallel.py) into the global batch's."""
     batch = examples.batch(positions)
     latents = batch.latents.to(accelerator.device)
     count = noise_scheduler.config.num_train_timesteps
@@ -239,8 +253,8 @@ def _micro_batch_loss(unet: UNetRunner, examples: TrainingSet, positions: list[i
     if cfg.min_snr_gamma:
         losses = losses * min_snr_weights(noise_scheduler, timesteps, cfg.min_snr_gamma)
     is_class = speed.to_device(batch.is_class, latents.device)
-    n_class = global_batch if cfg.prior_preservation else 0
-    return combine(losses, is_class, cfg.prior_loss_weight, global_batch, n_class)
+    n_class = local_batch if cfg.prior_preservation else 0
+    return combine(losses, is_class, cfg.prior_loss_weight, local_batch, n_class)
 
 
 def timestep_range(cfg: TrainConfig, count: int) -> tuple[int, int]:

@@ -10,6 +10,7 @@ so generation, validation images and saving see the plain module.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
@@ -43,14 +44,17 @@ class UNetRunner:
     """Runs the training step's UNet call in `mode` (off, cuda-graphs or a torch.compile mode)."""
 
     def __init__(self, unet: torch.nn.Module, mode: str, trainable: list[torch.nn.Parameter],
-                 channels_last: bool = False, strict: bool = True):
+                 channels_last: bool = False, strict: bool = True,
+                 wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None):
         self.unet, self.mode, self.trainable, self.strict = unet, mode, trainable, strict
+        self.wrap = wrap or (lambda call: call)  # e.g. DDP around the call (parallel.py)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             unet.to(memory_format=torch.channels_last)
         self._graphs: dict[tuple, object] = {}
         self._compiled = None
-        self._call: UNetCall | None = None
+        self._call: torch.nn.Module | None = None
+        self._keys: tuple[str, ...] | None = None
 
     def __call__(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         noisy = noisy.contiguous(memory_format=self.memory_format)
@@ -62,9 +66,9 @@ class UNetRunner:
             return self._graphed(keys, args)(*args)
         return self._compiled_call(keys)(*args)
 
-    def _module(self, keys: tuple[str, ...]) -> UNetCall:
-        if self._call is None or self._call.added_keys != keys:
-            self._call = UNetCall(self.unet, self.trainable, keys)
+    def _module(self, keys: tuple[str, ...]) -> torch.nn.Module:
+        if self._call is None or self._keys != keys:
+            self._call, self._keys = self.wrap(UNetCall(self.unet, self.trainable, keys)), keys
         return self._call
 
     def _compiled_call(self, keys: tuple[str, ...]):

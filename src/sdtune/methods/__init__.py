@@ -63,6 +63,7 @@ class Method(abc.ABC):
     token_template: ClassVar[str] = "{token}"  # how it spells the subject's word ({token}): "<{token}>" for a new one
     converts: ClassVar[bool] = False  # `sdtune convert` rewrites its files between its layouts (recognises, convert)
     saves_frozen_weights: ClassVar[bool] = False  # the artifact holds frozen weights too: keep them full precision
+    shardable: ClassVar[bool] = False  # trains whole components: --distributed fsdp shards them across processes
     # The "parameters" text of generated images names applied files under this A1111 field ("": not named), by
     # the sha256 of the whole file or, as kohya's "addnet" hash, of a .safetensors file's tensor bytes.
     a1111_hash_field: ClassVar[str] = ""

@@ -53,6 +53,7 @@ class DreamBooth(Method):
     layouts = (Layout("diffusers", "diffusers pipeline folder", suffix="/"),
                Layout("checkpoint", "Stable Diffusion checkpoint (LDM single-file layout)"))
     saves_frozen_weights = True  # the artifact is the whole model: keep frozen parts exact
+    shardable = True  # billions of trained values (SDXL): worth splitting across processes
     # builtin: measured on the builtin model (BENCHMARKS.md). With the prior, 5e-4 (the no-prior rate) wore the
     # class images' own prompts down (prior preservation 0.49); 2e-4 keeps them (0.92), same subject fidelity.
     compare_rows = (
