@@ -26,8 +26,8 @@ STAR_CONTEXTS = (("green", "center"), ("white", "top left"), ("green", "bottom r
 TINY = """
 eval: {sample_steps: 2, images_per_prompt: 1, curve_points: 1}
 rows:
-  lora: {train: {steps: 2, batch_size: 1}}
   textual-inversion: {train: {steps: 2, batch_size: 1}}
+  hypernetwork: {train: {steps: 2, batch_size: 1}}
 """
 
 
@@ -50,11 +50,11 @@ def test_own_images_on_the_builtin_model_get_numeric_subject_and_prompt_fidelity
     config.write_text(TINY)
     out = tmp_path / "out"
     argv = ["compare", "--model", "builtin", "--images", str(tmp_path / "stars"), "--class-word", "star",
-            "--methods", "lora,textual-inversion", "--config", str(config), "--output", str(out), "--quiet"]
+            "--methods", "textual-inversion,hypernetwork", "--config", str(config), "--output", str(out), "--quiet"]
     _star_images(tmp_path / "stars")
     assert main(argv) == 0, capsys.readouterr().err
     results = json.loads((out / "results.json").read_text())
-    assert [row["name"] for row in results["rows"]] == ["base", "lora", "textual-inversion"]
+    assert [row["name"] for row in results["rows"]] == ["base", "textual-inversion", "hypernetwork"]
     for row in results["rows"]:
         for key in ("subject_fidelity", "subject_fidelity_hard", "prompt_fidelity", "prior_preservation"):
             est = row["quality"][key]

@@ -60,7 +60,10 @@ def pairs(output: str | Path, prompt_type: str = HEADLINE_TYPE) -> list[Pair]:
     for subject, folder in subject_folders(Path(output)):
         refs = references(subject, folder)
         known = {p: kind for kind, listed in subject.prompts.items() for p in listed}
-        for row in sorted(p for p in (folder / RUNS_FOLDER).iterdir() if p.is_dir() and p.name != "class-images"):
+        runs = folder / RUNS_FOLDER
+        rows = sorted(p for p in runs.iterdir() if p.is_dir() and p.name[0] != "." and p.name != "class-images") \
+            if runs.is_dir() else []  # a comparison still running has subjects without runs yet
+        for row in rows:
             exact, similar = [], []
             for seed in sorted(row.glob("seed-*")):
                 steps = sorted(seed.glob("step-*.npz"))
@@ -106,6 +109,11 @@ def report(output: str | Path, prompt_type: str = HEADLINE_TYPE) -> str:
         raise SdtuneError(f"{output} has fewer than two finished rows with {prompt_type} images to rank.")
     lines = [f"{'subject':18} {'row':22} {'exact':>7} {'similar':>7} {'n':>5}"]
     lines += [f"{p.subject:18} {p.row:22} {p.exact:7.3f} {p.similar:7.3f} {p.n:5d}" for p in found]
+    for name in dict.fromkeys(p.subject for p in found):
+        own = [p for p in found if p.subject == name]
+        if len(own) > 2:
+            rho = spearman([p.exact for p in own], [p.similar for p in own])
+            lines.append(f"Spearman within {name} ({len(own)} rows): {rho:.3f}")
     rho = spearman([p.exact for p in found], [p.similar for p in found])
     lines.append(f"Spearman over {len(found)} (subject, row) pairs, {prompt_type} prompts: {rho:.3f}")
     return "\n".join(lines)

@@ -5,8 +5,12 @@ about the subject.
 Toy-world images show one object on a plain background, so the object can be cut out as every pixel far from
 the background colour (as the evaluators do). Each object is resampled onto a grid centred on its centroid and
 scaled by the square root of its area, so position and size drop out; what is left is its outline and the
-colours inside it (pattern, colour, shape). Two objects compare by the overlap of their outlines (soft IoU) times
-how close their colours are where both are (exp(-rms^2 / 2 tol^2)); an image scores its best reference.
+colours inside it (pattern, colour, shape). Two objects compare by the overlap of their outlines (soft IoU),
+times how close their colours are where both have inner pixels (exp(-rms^2 / 2 tol^2)), times how close their
+sizes are (unless the prompt asked for a size); an image scores its best reference.
+
+Measured on the builtin subjects (whose exact scorers know their looks), the similarity orders partly learned
+subjects as those scorers do: scripts/similarity_check.py prints the Spearman correlation for a comparison.
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ THRESHOLD = 0.5  # a similarity at or above it counts as showing the subject
 
 @dataclass(frozen=True)
 class Objects:
-    """Objects of a batch of images on the normalised grid: colours [N,3,G,G], outline [N,G,G] (soft), and
-    whether the image has an object at all [N]."""
+    """Objects of a batch of images on the normalised grid: colours [N,3,G,G] of the inner pixels, outline and
+    inner pixels [N,G,G] (soft), size (square root of the area, in image sides) and whether the image has an
+    object at all [N]."""
 
     colours: torch.Tensor
     outline: torch.Tensor
@@ -103,11 +108,11 @@ def pairwise(found: Objects, references: Objects, size_free: torch.Tensor | None
 def similarity(images, references, size_free=None) -> np.ndarray:
     """Per image, its object's similarity to the nearest reference object (0 without an object); `size_free`
     marks the images whose prompt asked for a size, where size does not count."""
+    if len(images) == 0:
+        return np.zeros(0)
     refs = cut_out(references)
     if not bool(refs.present.any()):
         raise ValueError("none of the reference images shows an object on a plain background")
     found = cut_out(images)
-    if len(found.present) == 0:
-        return np.zeros(0)
     free = None if size_free is None else torch.as_tensor(np.asarray(size_free, dtype=bool))
     return pairwise(found, refs, free).max(dim=1).values.numpy().astype(np.float64)
