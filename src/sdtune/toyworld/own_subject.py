@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from sdtune.errors import SdtuneError
-from sdtune.toyworld.captions import caption
 from sdtune.toyworld.conventions import CLASS, class_prompt_templates
 from sdtune.toyworld.evaluate import as_float_batch, background_and_coverage, nearest_colour, read_images
 from sdtune.toyworld.looks import Look
@@ -83,7 +82,7 @@ def own_subject(images, class_word: str, token: str = "sks") -> OwnSubject:
         raise SdtuneError("None of the images shows one object on a plain background, which is all the builtin "
                           "model can draw; give toy-world images (see `sdtune subject`) or use a real model.")
     contexts = tuple(dict.fromkeys(Context(class_word, r.background, r.position) for r in readings))
-    colours = object_colours(x)
+    colours = object_colours(x) or {readings[0].colour: 1.0}  # objects too thin to have inner pixels: as read
     shown_backgrounds = {c.background for c in contexts}
     shown_positions = {c.position for c in contexts}
     main = max(colours, key=colours.get)
