@@ -6,8 +6,9 @@ Toy-world images show one object on a plain background, so the object can be cut
 the background colour (as the evaluators do). Each object is resampled onto a grid centred on its centroid and
 scaled by the square root of its area, so position and size drop out; what is left is its outline and the
 colours inside it (pattern, colour, shape). Two objects compare by the overlap of their outlines (soft IoU),
-times how close their colours are where both have inner pixels (exp(-rms^2 / 2 tol^2)), times how close their
-sizes are (unless the prompt asked for a size); an image scores its best reference.
+times how close their colours are where both have inner pixels (exp(-rms^2 / 2 tol^2), at the best of shifts by
+a grid cell), times how close their sizes are (unless the prompt asked for a size); an image scores its best
+reference.
 
 Measured on the builtin subjects (whose exact scorers know their looks), the similarity orders partly learned
 subjects as those scorers do: scripts/similarity_check.py prints the Spearman correlation for a comparison.
@@ -24,14 +25,18 @@ from sdtune.toyworld.evaluate import MIN_AREA, as_float_batch, background_and_co
 
 DESCRIPTION = ("object similarity to your images (offline, 0..1): each image's object, cut out from its plain "
                "background, centred and scaled to its area, against each of your images' objects, outline overlap "
-               "times colour closeness inside it times size match, the best match counting")
+               "times colour closeness inside it (at the best of small shifts) times size match, the best match "
+               "counting")
 GRID = 16  # samples per side of the normalised object grid
 EXTENT = 0.75  # the grid spans +-EXTENT square roots of the object's area around its centroid (a circle: +-1.3 r)
 OBJECT_DISTANCE = 0.2  # RGB distance from the background (0..1 per channel) beyond which a pixel is object
 COLOUR_TOLERANCE = 0.25  # rms RGB distance at which the colour closeness falls to exp(-1/2)
-# log size ratio at which the size factor falls to exp(-1/2): the world's two sizes (radii 1.5 apart, measured ~1.4) give ~0.4,
-# the factor the exact scorers give a look of the wrong size
+# log size ratio at which the size factor falls to exp(-1/2): the world's two sizes (radii 1.5 apart, measured
+# ~1.4) give ~0.4, the factor the exact scorers give a look of the wrong size
 SIZE_TOLERANCE = 0.25
+# Colours compare at the best of these grid shifts (in cells, both axes): a centroid a pixel off, as a deformed
+# outline puts it, would otherwise misalign every stripe or quarter.
+SHIFTS = (-1, 0, 1)
 THRESHOLD = 0.5  # a similarity at or above it counts as showing the subject
 
 
@@ -93,9 +98,8 @@ def pairwise(found: Objects, references: Objects, size_free: torch.Tensor | None
     inter = torch.minimum(found.outline[:, None], references.outline[None])  # [N,R,G,G]
     union = torch.maximum(found.outline[:, None], references.outline[None])
     overlap = inter.sum(dim=(2, 3)) / union.sum(dim=(2, 3)).clamp(min=1e-6)
-    squared = ((found.colours[:, None] - references.colours[None]) ** 2).sum(dim=2)  # [N,R,G,G]
-    both_inside = found.inside[:, None] * references.inside[None]
-    rms = ((both_inside * squared).sum(dim=(2, 3)) / both_inside.sum(dim=(2, 3)).clamp(min=1e-6)).sqrt()
+    rms = torch.stack([_colour_rms(_shifted(found.colours, dy, dx), _shifted(found.inside, dy, dx), references)
+                       for dy in SHIFTS for dx in SHIFTS]).min(dim=0).values
     closeness = torch.exp(-rms ** 2 / (2 * COLOUR_TOLERANCE ** 2))
     ratio = torch.log(found.scale[:, None].clamp(min=1e-3) / references.scale[None].clamp(min=1e-3))
     sized = torch.exp(-ratio ** 2 / (2 * SIZE_TOLERANCE ** 2))
@@ -103,6 +107,22 @@ def pairwise(found: Objects, references: Objects, size_free: torch.Tensor | None
         sized = torch.where(size_free[:, None], torch.ones(()), sized)
     both = found.present[:, None] & references.present[None]
     return torch.where(both, overlap * closeness * sized, torch.zeros(()))
+
+
+def _colour_rms(colours: torch.Tensor, inside: torch.Tensor, references: Objects) -> torch.Tensor:
+    """RMS colour distance [N,R] over the grid points inside both objects."""
+    squared = ((colours[:, None] - references.colours[None]) ** 2).sum(dim=2)  # [N,R,G,G]
+    both_inside = inside[:, None] * references.inside[None]
+    return ((both_inside * squared).sum(dim=(2, 3)) / both_inside.sum(dim=(2, 3)).clamp(min=1e-6)).sqrt()
+
+
+def _shifted(grid: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """The grid [..., G, G] moved by (dy, dx) cells, zeros where it moved in from outside."""
+    out = torch.zeros_like(grid)
+    h, w = grid.shape[-2:]
+    out[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+        grid[..., max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    return out
 
 
 def similarity(images, references, size_free=None) -> np.ndarray:
