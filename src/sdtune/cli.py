@@ -162,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"builtin subjects to compare on, each with the same recipes (default: {DEFAULT_SUBJECT}; "
                      f"all: {', '.join(SUBJECTS)})")
     cmp.add_argument("--token", default="", help="the subject's identifier (default: sks)")
-    cmp.add_argument("--class-word", default="", help="the subject's class, e.g. dog (needed with --images)")
+    cmp.add_argument("--class-word", default="", help="the subject's class, e.g. dog (needed with --images; on the "
+                     "builtin model one of its shapes, e.g. star)")
     rows = [row for cls in registered.values() for row in methods.rows_of(cls)]
     extra = [row.name for row in rows if not row.in_default]
     cmp.add_argument("--methods", default="default", help=f"default (every row but {', '.join(extra) or 'none'}), all, "

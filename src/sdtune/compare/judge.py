@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..errors import SdtuneError
+from ..toyworld import similarity
 from ..toyworld.metrics import Estimate
 
 
@@ -32,6 +33,12 @@ TOY_METRICS = (
     Metric("prior_preservation", "Prior preservation", "share of class-word images showing a plain class object "
            "as prompted, not the subject (PRES turned so higher is better)"),
     Metric("diversity", "Diversity", "mean pixel distance between images of the same one-new-factor prompt (DIV)"),
+)
+# A subject of one's own on the builtin model: its subject fidelity is the similarity to its images.
+OWN_METRICS = (
+    Metric("subject_fidelity", "Subject fidelity", f"{similarity.DESCRIPTION}; the analogue of DINO, on the "
+           "images of prompts that change one thing your images never show (a new background or position)"),
+    *TOY_METRICS[1:],
 )
 REAL_METRICS = (
     Metric("dino", "DINO", "mean DINO cosine similarity of generated to real subject images"),
@@ -99,16 +106,15 @@ def estimates(evidence: list[Evidence]) -> dict[str, Estimate | None]:
 
 
 class ToyJudge:
-    """The toy world's evaluators for one builtin subject; prompts are the canonical ones (the subject's own
-    token), whatever word a row was trained under. Each prompt has the subject's prompt type ("custom" for
+    """The toy world's evaluators for one builtin subject, or for one's own on the builtin model (own_subject.py,
+    with OWN_METRICS); prompts are the canonical ones (the subject's own token), whatever word a row was
+    trained under. Each prompt has the subject's prompt type ("custom" for
     one it does not list); the headline metrics read the one-new-factor prompts (all, when there are none)."""
 
-    metrics = TOY_METRICS
-
-    def __init__(self, subject, prompts: list[str], class_prompts: list[str]):
+    def __init__(self, subject, prompts: list[str], class_prompts: list[str], metrics: tuple = TOY_METRICS):
         from ..toyworld.subjects import HARD_TYPE, HEADLINE_TYPE
 
-        self.subject, self.prompts, self.class_prompts = subject, prompts, class_prompts
+        self.subject, self.prompts, self.class_prompts, self.metrics = subject, prompts, class_prompts, metrics
         known = {p: kind for kind, listed in subject.prompts.items() for p in listed}
         self.types = [known.get(p, "custom") for p in prompts]
         self.headline = HEADLINE_TYPE if HEADLINE_TYPE in self.types else None

@@ -77,9 +77,9 @@ class Plan:
     rows: list[Row]
 
 
-def profile_for(model: str, images: str) -> str:
-    """The builtin model on its own subject uses the toy-world profile; anything else the real-model one."""
-    return "builtin" if model == "builtin" and not images else "real"
+def profile_for(model: str) -> str:
+    """The builtin model uses the toy-world profile (on its subjects or one's own); any other the real-model one."""
+    return "builtin" if model == "builtin" else "real"
 
 
 def load_plan(profile: str, token: str, class_word: str, methods: str = DEFAULT_ROWS, config: str | None = None,

@@ -124,8 +124,7 @@ def _check_blocks(checks: list[dict]) -> list[Block]:
 def _summary(results: dict) -> str:
     opts, subject = results["options"], results["subject"]
     words = f"token `{subject['token']}`, class word `{subject['class_word']}`"
-    where = _subjects_text(results, words) if results["profile"] == "builtin" else \
-        f"the images in `{opts['images']}` ({words})"
+    where = f"the images in `{opts['images']}` ({words})" if opts.get("images") else _subjects_text(results, words)
     seeds, machine = results["seeds"], results["machine"]
     return (f"Model `{opts['model']}`, {where}; "
             f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))}); the whole comparison "

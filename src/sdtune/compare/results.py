@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from .judge import Samples
+from .judge import Samples, ToyJudge
 from .sampling import fill, load_samples
 
 COSTS = ("wall_time_s", "peak_memory_bytes", "trainable_params", "artifact_bytes")
@@ -65,6 +65,7 @@ def _subject_entry(part, runs: dict, seeds: list[int], out: Path, pool: bool) ->
              "rows": rows, "floor": {k: rows[0].get(k) for k in ("quality", "quality_by_type")}}
     if part.subject is not None:
         entry.update(kind=part.subject.kind, description=part.subject.description)
+    if isinstance(judge, ToyJudge):  # a builtin subject's, or one's own on the builtin model
         evaluation["prompt_types"] = judge.types
     if part.ceiling:
         entry["ceiling"] = {"quality": _estimates(judge.score(part.ceiling)),

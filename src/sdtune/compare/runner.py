@@ -81,7 +81,7 @@ def run_compare(opts: CompareOptions) -> Path:
         raise SdtuneError(f"--seeds is {opts.seeds}; give at least 1.")
     started = time.time()
     out = Path(opts.output).resolve()
-    profile = profile_for(opts.model, opts.images)
+    profile = profile_for(opts.model)
     parts = [_part(opts, profile, subject, out) for subject in _subjects(opts, profile)]
     jobs = [job for part in parts for job in make_jobs(part.plan, opts, part.images, out, part.name)]
     lanes = Lanes.for_machine(opts.jobs, opts.model)
@@ -102,7 +102,7 @@ def _subjects(opts: CompareOptions, profile: str) -> list[Subject | None]:
     """The builtin subjects --subjects names (default: the first), or [None] for one's own images."""
     from ..toyworld.catalogue import DEFAULT_SUBJECT, select_subjects
 
-    if profile == "builtin":
+    if profile == "builtin" and not opts.images:
         return select_subjects(opts.subjects or DEFAULT_SUBJECT)
     if opts.subjects:
         raise SdtuneError("--subjects picks builtin subjects; leave it out when comparing on --images.")
@@ -126,18 +126,30 @@ def _part(opts: CompareOptions, profile: str, subject: Subject | None, out: Path
 
 def _subject_words(opts: CompareOptions, profile: str, subject=None) -> tuple[str, str, tuple | None]:
     """(token, class word, default prompt templates): a builtin subject's (default: the first), or what the
-    user gave."""
-    if profile == "builtin":
+    user gave; on the builtin model, one's own subject gets toy-world prompts from its images and class word."""
+    if profile == "builtin" and not opts.images:
         from ..toyworld.catalogue import QUARTERED_CIRCLE
 
         subject = subject or QUARTERED_CIRCLE
-        ordered = [p for kind in EVAL_ORDER for p in subject.prompts.get(kind, ())]
-        templates = tuple(p.replace(f" {subject.token} ", " {token} ") for p in ordered)
-        return opts.token or subject.token, subject.class_word, (templates, tuple(subject.prompts["class"]))
-    if not opts.images or not opts.class_word:
+    elif not opts.images or not opts.class_word:
         raise SdtuneError("Comparing on your own subject needs both --images DIR and --class-word WORD "
                           "(e.g. --class-word dog).")
-    return opts.token or "sks", opts.class_word, None
+    elif profile == "builtin":
+        subject = own_subject(opts.images, opts.class_word, opts.token).contexts
+    else:
+        return opts.token or "sks", opts.class_word, None
+    ordered = [p for kind in EVAL_ORDER for p in subject.prompts.get(kind, ())]
+    templates = tuple(p.replace(f" {subject.token} ", " {token} ") for p in ordered)
+    return opts.token or subject.token, subject.class_word, (templates, tuple(subject.prompts["class"]))
+
+
+def own_subject(images: str | Path, class_word: str, token: str = ""):
+    """One's own subject on the builtin model, from the images in a folder (see toyworld/own_subject.py)."""
+    from ..data import load_image_folder
+    from ..toyworld.own_subject import check_class_word, own_subject as from_images
+
+    check_class_word(class_word)  # before reading any image: the word alone decides
+    return from_images([record.load() for record in load_image_folder(images)], class_word, token or "sks")
 
 
 def _subject_images(opts: CompareOptions, profile: str, out: Path, subject=None) -> Path:
@@ -146,7 +158,7 @@ def _subject_images(opts: CompareOptions, profile: str, out: Path, subject=None)
     from ..artifacts import atomic_output_dir
     from ..data import load_image_folder
 
-    if profile != "builtin":
+    if opts.images:
         load_image_folder(opts.images)  # refuses a missing folder or unreadable images by name
         return Path(opts.images).resolve()
     folder = out / "subject"
@@ -160,7 +172,7 @@ def _subject_images(opts: CompareOptions, profile: str, out: Path, subject=None)
 
 def _ceiling_vae(opts: CompareOptions, profile: str):
     """The base model's VAE, which the builtin subjects' ceiling images go through (None for one's own)."""
-    if profile != "builtin":
+    if profile != "builtin" or opts.images:
         return None
     from ..model import load
 
@@ -340,11 +352,15 @@ def _last_line(path: Path) -> str:
 
 
 def make_judge(plan: Plan, opts: CompareOptions, subject: Path, builtin=None):
-    """The toy-world judge for a builtin subject (`builtin`, default the first); DINO/CLIP against the
-    subject's images otherwise."""
-    from .judge import RealJudge, ToyJudge
+    """The toy-world judge for a builtin subject (`builtin`, default the first) or, on the builtin model, for
+    one's own (subject fidelity by similarity to its images); DINO/CLIP against the subject's images otherwise."""
+    from .judge import OWN_METRICS, RealJudge, ToyJudge
     from .sampling import fill
 
+    if plan.profile == "builtin" and opts.images:
+        own = own_subject(subject, plan.class_word, plan.token)
+        return ToyJudge(own, fill(plan.evaluation.prompts, own.token, plan.class_word),
+                        list(plan.evaluation.class_prompts), OWN_METRICS)
     if plan.profile == "builtin":
         from ..toyworld.catalogue import QUARTERED_CIRCLE
 
