@@ -26,6 +26,7 @@ import torch
 
 from ..errors import SdtuneError
 from . import Layout, matching_layout
+from .lora_clients import DIFFUSERS_CLIENTS, KOHYA_CLIENTS, SDTUNE_CLIENTS
 from .ldm_names import diffusers_to_ldm_unet_names, ldm_to_diffusers_unet_names
 from .lycoris import (CANONICAL_PARAMS, KOHYA_PARAMS, MAGNITUDE, UNSUPPORTED_SUFFIXES, algorithm, check_module,
                       input_width, param_of, rank, update_shape)
@@ -39,12 +40,15 @@ KOHYA_PREFIXES: dict[str, tuple[str, ...]] = {
 }
 SDXL_TE_PREFIX: dict[str, str] = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 _PEFT_KEY = rf"({'|'.join(COMPONENTS)})\.(.*\.)?"  # a component, then the module path (peft's key names)
+
 # The file layouts, in sniffing order (a diffusers file has no `.alpha` keys, an sdtune file has them).
 LAYOUTS: tuple[Layout, ...] = (
     Layout("kohya", "LoRA (kohya / A1111 / ComfyUI)",
-           keys=rf"({'|'.join(p for prefixes in KOHYA_PREFIXES.values() for p in prefixes)}).*"),
-    Layout("diffusers", "LoRA (diffusers / PEFT)", keys=_PEFT_KEY + rf"(lora_[AB]\.weight|{MAGNITUDE}(\.weight)?)"),
-    Layout("sdtune", "LoRA (sdtune)", keys=_PEFT_KEY + f"({'|'.join(map(re.escape, KOHYA_PARAMS))})"),
+           keys=rf"({'|'.join(p for prefixes in KOHYA_PREFIXES.values() for p in prefixes)}).*", clients=KOHYA_CLIENTS),
+    Layout("diffusers", "LoRA (diffusers / PEFT)", keys=_PEFT_KEY + rf"(lora_[AB]\.weight|{MAGNITUDE}(\.weight)?)",
+           clients=DIFFUSERS_CLIENTS),
+    Layout("sdtune", "LoRA (sdtune)", keys=_PEFT_KEY + f"({'|'.join(map(re.escape, KOHYA_PARAMS))})",
+           clients=SDTUNE_CLIENTS),
 )
 # transformers >= 5 flattens CLIPTextModel (no `text_model.`); files always carry the prefix.
 CLIP_FILE_PREFIX = "text_model."

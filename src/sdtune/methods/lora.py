@@ -265,6 +265,12 @@ class LoRA(Method):
 
         return summary_lines(shapes)
 
+    @classmethod
+    def client_layers(cls, shapes: list[tuple[str, tuple[int, ...]]], metadata: dict[str, str]) -> list[str]:
+        from ..lora_inspection import layer_descriptions
+
+        return layer_descriptions(shapes, metadata)
+
     @staticmethod
     def recognises(obj, metadata: dict[str, str]) -> bool:
         from ..formats.lora import detect_lora_format
