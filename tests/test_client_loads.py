@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from conftest import make_subject_images
 from sdtune.artifacts import load_artifact
@@ -192,3 +193,23 @@ def test_embeddings_load_everywhere_and_diffusers_needs_a_call_per_sdxl_encoder(
     verdicts = _verdicts(next(tmp_path.glob("*.pt")))
     assert {v[0] for v in verdicts.values()} == {"fully"}
     assert ("text_encoder_2" in verdicts["diffusers"][1]) == (family == "sdxl")
+
+
+def _pixels(path: Path) -> torch.Tensor:
+    return torch.tensor(list(Image.open(path).getdata()), dtype=torch.float32)
+
+
+def test_dreambooth_single_file_generates_from_its_run_card_and_names_its_layout(subject_dir, tmp_path, capsys):
+    assert main(["train", "dreambooth", "--model", "tiny:sd1", "--images", str(subject_dir), "--steps", "2",
+                 "--lr", "1e-3", "--log-dir", "none", "--output", str(tmp_path), "--name", "sks", "--quiet"]) == 0
+    images = {}
+    for name, model in (("folder", tmp_path / "sks"), ("file", tmp_path / "sks.safetensors"), ("base", "tiny:sd1")):
+        out = tmp_path / f"{name}.png"
+        assert main(["generate", "--model", str(model), "--prompt", "a sks", "--steps", "2", "--output", str(out)]) == 0
+        images[name] = _pixels(out)
+    assert torch.equal(images["file"], images["folder"])  # no --model-config: the card's base took the file's weights
+    assert not torch.equal(images["file"], images["base"])
+    text = describe_artifact(tmp_path / "sks.safetensors")
+    assert "format:     Stable Diffusion checkpoint (A1111 / LDM single-file layout)" in text
+    assert "sdtune dreambooth artifact" not in text
+    assert all(v == ("fully", "") for v in _verdicts(tmp_path / "sks.safetensors").values())
