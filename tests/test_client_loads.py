@@ -160,7 +160,8 @@ def test_convert_for_a_client_writes_the_layout_that_loads_there(files, tmp_path
     assert not _file_module_names(out) - _comfyui_keys(load("tiny:sd1"))
     assert _verdicts(out)["ComfyUI"] == ("fully", "")
     capsys.readouterr()
-    assert main(["convert", str(out), str(tmp_path / "d" / "x.safetensors"), "--to", "diffusers", "--for", "ComfyUI"]) == 0
+    assert main(["convert", str(out), str(tmp_path / "d" / "x.safetensors"), "--to", "diffusers",
+                 "--for", "ComfyUI"]) == 0
     err = capsys.readouterr().err
     assert "ComfyUI loads the diffusers layout partly" in err and "--to kohya loads fully in ComfyUI" in err
     assert main(["convert", str(out), str(tmp_path / "e" / "x.safetensors"), "--for", "diffusers"]) == 0

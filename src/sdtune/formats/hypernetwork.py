@@ -41,11 +41,11 @@ CANONICAL_KEY = re.compile(r"^(?P<width>\d+)\.(?P<side>[kv])\.linear\.(?P<index>
 # kohya's scripts and diffusers load no hypernetworks.
 _NO_HYPERNETWORKS = (("kohya", Rule(refuses="its scripts load no hypernetworks")),
                      ("diffusers", Rule(refuses="it has no hypernetwork loader")))
-_TO_A1111 = "convert --to a1111"
+_PT_ONLY = Rule(refuses="it lists hypernetworks as .pt files only; convert --to a1111")
 PT_CLIENTS = (("a1111", FULLY), ("forge", FULLY), ("comfyui", FULLY), *_NO_HYPERNETWORKS)
-SAFETENSORS_CLIENTS = (("a1111", Rule(refuses=f"it lists hypernetworks as .pt files only; {_TO_A1111}")),
-                       ("forge", Rule(refuses=f"it lists hypernetworks as .pt files only; {_TO_A1111}")),
-                       ("comfyui", Rule(refuses=f"its HypernetworkLoader reads A1111's width-keyed layout; {_TO_A1111}")),
+SAFETENSORS_CLIENTS = (("a1111", _PT_ONLY), ("forge", _PT_ONLY),
+                       ("comfyui", Rule(refuses="its HypernetworkLoader reads A1111's width-keyed layout; "
+                                                "convert --to a1111")),
                        *_NO_HYPERNETWORKS)
 # The file layouts, in sniffing order: sdtune's canonical keys, then A1111's (a width, then the pair's index).
 LAYOUTS: tuple[Layout, ...] = (

@@ -10,8 +10,8 @@ paths as the live model names them, and per module the parameters of one algorit
 - any of them: `alpha` (0-dim) and DoRA's magnitude `dora_scale`, whose shape records its axis: [out, 1, ...]
   one magnitude per output feature (peft's, what sdtune trains), [1, in, ...] one per input feature.
 sdtune's file layout is this state with text-encoder modules spelled as files spell them (`text_model.`), whatever
-the installed transformers calls them. LoHa/LoKr names and shapes are LyCORIS's kohya suffixes, which peft's LoHa/LoKr layers share. Tensors are
-passed through untouched, so conversions are bit-exact.
+the installed transformers calls them. LoHa/LoKr names and shapes are LyCORIS's kohya suffixes, which peft's
+LoHa/LoKr layers share. Tensors are passed through untouched, so conversions are bit-exact.
 """
 
 from __future__ import annotations

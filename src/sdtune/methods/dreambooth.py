@@ -55,7 +55,8 @@ class DreamBooth(Method):
     # checkpoints, kohya's --pretrained_model_name_or_path, diffusers' from_single_file.
     layouts = (Layout("diffusers", "diffusers pipeline folder", suffix="/"),
                Layout("checkpoint", "Stable Diffusion checkpoint (A1111 / LDM single-file layout)",
-                      keys=r"(model\.diffusion_model|first_stage_model|cond_stage_model|conditioner)\..+", card_only=True,
+                      keys=r"(model\.diffusion_model|first_stage_model|cond_stage_model|conditioner)\..+",
+                      card_only=True,
                       clients=tuple((client, FULLY) for client in CLIENTS)))
     saves_frozen_weights = True  # the artifact is the whole model: keep frozen parts exact
     # builtin: measured on the builtin model (BENCHMARKS.md). With the prior, 5e-4 (the no-prior rate) wore the
