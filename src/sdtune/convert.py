@@ -78,7 +78,9 @@ def _ranked_for(cls, obj, metadata: dict[str, str], client: str, suffix: str) ->
 
 def _advice(ranked: list[tuple[str, Verdict]], chosen: str) -> list[str]:
     """How the client loads the chosen layout, and the better layout when there is one."""
-    verdict = dict(ranked)[chosen]
+    verdict = dict(ranked).get(chosen)
+    if verdict is None:  # a layout that declares no rule for this client
+        return []
     lines = [f"{CLIENTS[verdict.client]} loads the {chosen} layout {verdict.level}"
              f"{': ' + verdict.detail if verdict.detail else ''}"]
     best, top = ranked[0]
