@@ -12,6 +12,7 @@ from typing import NoReturn
 from . import __version__
 from .config import GENERATE_STEPS, DataConfig, TrainConfig, build, load_config_file
 from .errors import SdtuneError
+from .formats.clients import CLIENTS
 from .progress import quiet_libraries
 
 MAX_STEPS_VARIABLE = "SDTUNE_MAX_STEPS"
@@ -107,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("output")
     conv.add_argument("--to", choices=targets)
     conv.add_argument("--model", help="base model whose layer names resolve ambiguous keys (default: by family)")
+    conv.add_argument("--for", dest="client", type=str.lower, choices=tuple(CLIENTS),
+                      help="the generator you will load it in: without --to, the layout that loads best there")
     conv.set_defaults(handler=cmd_convert)
 
     insp = sub.add_parser("inspect", help="print an artifact's format, tensors and run card")
@@ -341,7 +344,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert_file
 
-    print(convert_file(Path(args.input), Path(args.output), args.to, args.model))
+    print(convert_file(Path(args.input), Path(args.output), args.to, args.model, args.client,
+                       lambda line: print(line, file=sys.stderr)))
     return 0
 
 

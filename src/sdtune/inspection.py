@@ -14,7 +14,7 @@ from safetensors import SafetensorError, safe_open
 
 from .artifacts import SAFETENSORS_SUFFIX, check_readable, flatten_tensors, load_artifact
 from .formats import Sniffed, sniff
-from .methods import registry
+from .methods import loads_in, registry
 from .untrusted import ST_DTYPES, check_safetensors_header, unreadable
 
 
@@ -63,7 +63,8 @@ def artifact_sniff(path: str | os.PathLike) -> Sniffed:
 
 
 def describe_artifact(path: str | os.PathLike) -> str:
-    """What `sdtune inspect FILE` prints: layout, tensor count, parameters, bytes, dtypes and the run card."""
+    """What `sdtune inspect FILE` prints: layout, tensor count, parameters, bytes, dtypes, the run card and how
+    each client (A1111, Forge, ComfyUI, kohya, diffusers) loads it."""
     path = Path(path)
     rows, metadata = _summary(path)
     numels = [torch.Size(shape).numel() for _, _, shape in rows]
@@ -82,4 +83,6 @@ def describe_artifact(path: str | os.PathLike) -> str:
     if metadata:
         lines.append("metadata:")
         lines += [f"  {printable(key, newlines=False)}: {_pretty(value)}" for key, value in sorted(metadata.items())]
+    found = loads_in(method, sniffed.layout, [(name, shape) for name, _, shape in rows], metadata) if method else []
+    lines += ["loads in:", *(v.line() for v in found)] if found else ["loads in:   not known for this layout"]
     return printable("\n".join(lines))  # everything shown comes from the file

@@ -9,8 +9,9 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from .formats.lora import KOHYA_PREFIXES
-from .formats.lora_diffusers import MAGNITUDE, PEFT_PARAMS
+from .errors import SdtuneError
+from .formats.lora import KOHYA_PREFIXES, detect_lora_format, group_modules, module_alpha, module_rank
+from .formats.lora_diffusers import MAGNITUDE, PEFT_PARAMS, from_diffusers
 from .formats.lycoris import CANONICAL_PARAMS, KOHYA_PARAMS, algorithm, dora_axis, param_of, rank
 from .methods.lora import UNET_TARGET_GROUPS
 
@@ -63,17 +64,52 @@ def _counted(counter: Counter) -> str:
     return ", ".join(f"{name} x{n}" for name, n in counter.most_common())
 
 
-def summary_lines(shapes: Iterable[tuple[str, tuple[int, ...]]]) -> list[str]:
-    """`algorithm:`, `rank:` and `layers:` lines for (key, shape) pairs of a LoRA-family file ([] if unreadable)."""
+def _modules(shapes: Iterable[tuple[str, tuple[int, ...]]]) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
+    """{(component, module name): {canonical parameter: meta tensor}} of a LoRA-family file ({} if unreadable)."""
     modules: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, shape in shapes:
         parts = _split(key)
         if parts is None:
-            return []
+            return {}
         param = parts[2]
         if param == MAGNITUDE or (param == "dora_scale" and len(shape) == 1):  # peft's: one per output feature
             param, shape = "dora_scale", (max(1, torch.Size(shape).numel()), 1)
         modules.setdefault(parts[:2], {})[param] = torch.empty(shape, device="meta")
+    return modules
+
+
+def layer_descriptions(shapes: list[tuple[str, tuple[int, ...]]], metadata: Mapping[str, str]) -> list[str]:
+    """One line per layer, "<component> <group> <module> <algorithm>[ dora-out|dora-in][ scaled]", which the
+    client rules (formats/lora_clients.py) read ([] if unreadable); scaled: the header gives an alpha other than
+    the rank (a diffusers-layout file, whose alpha no client but diffusers reads)."""
+    modules = _modules(shapes)
+    try:
+        kinds = {name: _kind(params).replace(" (Tucker)", "-Tucker") for name, params in modules.items()}
+        axes = {name: dora_axis(p["dora_scale"]) for name, p in modules.items() if "dora_scale" in p}
+        scaled = _scaled_in_header(shapes, metadata)
+    except (ValueError, IndexError, KeyError, SdtuneError):
+        return []
+    unet_groups = _unet_groups()
+    return [f"{c} {_group(c, m, unet_groups)} {m.replace('.', '_')} {kinds[(c, m)]}"
+            f"{(' dora-out', ' dora-in')[axes[(c, m)]] if (c, m) in axes else ''}"
+            f"{' scaled' if (c, m) in scaled else ''}" for c, m in modules]
+
+
+def _scaled_in_header(shapes: list[tuple[str, tuple[int, ...]]], metadata: Mapping[str, str]) -> set[tuple[str, str]]:
+    """The layers of a diffusers-layout file whose header alpha is not their rank."""
+    keys = [key for key, _ in shapes]
+    if not keys or detect_lora_format(keys) != "diffusers":
+        return set()
+    state = from_diffusers({key: torch.empty(shape, device="meta") for key, shape in shapes}, metadata)
+    modules = group_modules(state)
+    return {name for name, params in modules.items() if module_alpha(params) != module_rank(params)}
+
+
+def summary_lines(shapes: Iterable[tuple[str, tuple[int, ...]]]) -> list[str]:
+    """`algorithm:`, `rank:` and `layers:` lines for (key, shape) pairs of a LoRA-family file ([] if unreadable)."""
+    modules = _modules(shapes)
+    if not modules:
+        return []
     try:
         kinds = Counter(_kind(p) for p in modules.values())
         ranks = Counter(str(rank(p) or "full") for p in modules.values())

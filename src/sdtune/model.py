@@ -182,6 +182,11 @@ def _load_pipeline_folder(where, label: str, dtype) -> SDModel:
 def _load_single_file(path: Path, dtype, config: str | None) -> SDModel:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    from .methods.dreambooth import load_single_file
+
+    tuned = load_single_file(path, dtype) if config is None else None  # a DreamBooth file: its card names its base
+    if tuned is not None:
+        return tuned
     if config is None:  # the architecture, tokenizers and prediction type come from the file itself
         from .single_file import load_checkpoint_file
 

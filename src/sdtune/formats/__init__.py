@@ -23,6 +23,9 @@ class Layout:
     keys: str = ""  # a regular expression every tensor name of such a file matches in full ("": never sniffed)
     max_keys: int = 0  # the most tensors such a file holds (0: any number)
     written: bool = True  # False: a layout sdtune reads but never writes
+    # How each client loads such a file: (client, formats.clients.Rule) pairs read from the clients' loaders
+    clients: tuple = ()
+    card_only: bool = False  # sniffed only when the run card names the method (the keys are no method's own)
 
     def holds(self, keys: Sequence[str]) -> bool:
         """Whether a file with these tensor names is in this layout."""
@@ -71,7 +74,7 @@ def sniff(keys: Iterable[str], metadata: Mapping[str, str] | None = None) -> Sni
     methods = registry()
     recorded = (metadata or {}).get("method")
     for cls in [methods[recorded]] if recorded in methods else methods.values():
-        layout = matching_layout(keys, cls.layouts)
+        layout = matching_layout(keys, [lay for lay in cls.layouts if recorded or not lay.card_only])
         if layout is not None:
             return Sniffed(layout.title, cls.name, layout.name)
     if recorded:

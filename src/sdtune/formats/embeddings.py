@@ -23,6 +23,7 @@ import torch
 from ..errors import SdtuneError
 from . import Layout, written_names
 from .a1111_pickle import write_pt
+from .clients import FULLY, Layers, Rule
 
 # Text-encoder component <-> SDXL file key (one table, both directions).
 SDXL_KEYS: dict[str, str] = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
@@ -31,16 +32,28 @@ KOHYA_KEY = "emb_params"
 A1111_KEY = "string_to_param"
 _BY_TOKEN = "Textual Inversion (one tensor named by its token)"
 _TOKEN_KEY = rf"(?!{KOHYA_KEY}$|{A1111_KEY}\.).+"
+# How each client loads an embedding (a whole file; its layer reads "embedding", or "embedding sdxl" for a
+# clip_l/clip_g pair): A1111's modules/textual_inversion (Forge keeps it) takes string_to_param, a clip_l/clip_g pair
+# or any one-tensor dict from .pt, .bin or .safetensors; ComfyUI's sd1_clip.load_embed the same forms; kohya's
+# gen_img the one tensor (inside string_to_param in a .pt); diffusers' load_textual_inversion a one-tensor dict, whose
+# key becomes the token, or string_to_param, for one text encoder per call.
+_ONE_ENCODER_PER_CALL = Layers("an SDXL pair: one load_textual_inversion call per encoder (clip_g with text_encoder_2 "
+                               "and tokenizer_2)", r"\bsdxl\b", "note")
+_EVERY_CLIENT = (("a1111", FULLY), ("forge", FULLY), ("comfyui", FULLY), ("kohya", FULLY))
+CLIENT_RULES = (*_EVERY_CLIENT, ("diffusers", Rule(exceptions=(_ONE_ENCODER_PER_CALL,))))
+KOHYA_CLIENT_RULES = (*_EVERY_CLIENT, ("diffusers", Rule(exceptions=(_ONE_ENCODER_PER_CALL, Layers(
+    f"pass token=: the key {KOHYA_KEY} would be the word", r"^embedding$", "note")))))
 # The file layouts, in sniffing order. sdtune's and diffusers' files hold one tensor named by the token (any
 # name but the fixed ones of kohya's and A1111's forms); an SDXL embedding is clip_l/clip_g in every layout.
 LAYOUTS: tuple[Layout, ...] = (
-    Layout("sdtune", _BY_TOKEN, keys=_TOKEN_KEY, max_keys=1),
-    Layout("diffusers", _BY_TOKEN, keys=_TOKEN_KEY, max_keys=1),
-    Layout("kohya", "Textual Inversion (kohya / A1111 safetensors)", keys=KOHYA_KEY),
-    Layout("a1111", "Textual Inversion (A1111)", ".pt", keys=rf"{A1111_KEY}\..+"),
-    Layout("sdxl", "Textual Inversion (SDXL clip_l/clip_g)", keys="|".join(COMPONENT_OF_KEY), written=False),
+    Layout("sdtune", _BY_TOKEN, keys=_TOKEN_KEY, max_keys=1, clients=CLIENT_RULES),
+    Layout("diffusers", _BY_TOKEN, keys=_TOKEN_KEY, max_keys=1, clients=CLIENT_RULES),
+    Layout("kohya", "Textual Inversion (kohya / A1111 safetensors)", keys=KOHYA_KEY, clients=KOHYA_CLIENT_RULES),
+    Layout("a1111", "Textual Inversion (A1111)", ".pt", keys=rf"{A1111_KEY}\..+", clients=CLIENT_RULES),
+    Layout("sdxl", "Textual Inversion (SDXL clip_l/clip_g)", keys="|".join(COMPONENT_OF_KEY), written=False,
+           clients=CLIENT_RULES),
     Layout("diffusers-bin", "Textual Inversion (diffusers learned_embeds.bin)", ".bin", keys=".+", max_keys=1,
-           written=False),
+           written=False, clients=CLIENT_RULES),
 )
 LAYOUT_NAMES = written_names(LAYOUTS)
 SUFFIX = {layout.name: layout.suffix for layout in LAYOUTS if layout.written}

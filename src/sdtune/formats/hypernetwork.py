@@ -22,6 +22,7 @@ import torch
 from ..errors import SdtuneError
 from . import Layout
 from .a1111_pickle import pt_bytes
+from .clients import FULLY, Rule
 
 SIDES = ("k", "v")
 WEIGHT_INITS = ("Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal")
@@ -35,10 +36,21 @@ META_ENTRIES = "hypernetwork_a1111"
 META_WIDTHS = "hypernetwork_widths"  # "768, 320, 640, 1280": the file's width order
 META_PREFIX = "hypernetwork_"
 CANONICAL_KEY = re.compile(r"^(?P<width>\d+)\.(?P<side>[kv])\.linear\.(?P<index>\d+)\.(?P<param>weight|bias)$")
+# How each client loads a hypernetwork: A1111's modules/hypernetworks (Forge keeps it) lists `*.pt` files and reads
+# integer width keys; ComfyUI's HypernetworkLoader (comfy_extras/nodes_hypernetwork.py) reads the same width keys;
+# kohya's scripts and diffusers load no hypernetworks.
+_NO_HYPERNETWORKS = (("kohya", Rule(refuses="its scripts load no hypernetworks")),
+                     ("diffusers", Rule(refuses="it has no hypernetwork loader")))
+_PT_ONLY = Rule(refuses="it lists hypernetworks as .pt files only; convert --to a1111")
+PT_CLIENTS = (("a1111", FULLY), ("forge", FULLY), ("comfyui", FULLY), *_NO_HYPERNETWORKS)
+SAFETENSORS_CLIENTS = (("a1111", _PT_ONLY), ("forge", _PT_ONLY),
+                       ("comfyui", Rule(refuses="its HypernetworkLoader reads A1111's width-keyed layout; "
+                                                "convert --to a1111")),
+                       *_NO_HYPERNETWORKS)
 # The file layouts, in sniffing order: sdtune's canonical keys, then A1111's (a width, then the pair's index).
 LAYOUTS: tuple[Layout, ...] = (
-    Layout("sdtune", "Hypernetwork (sdtune)", keys=CANONICAL_KEY.pattern.strip("^$")),
-    Layout("a1111", "Hypernetwork (A1111 layout)", ".pt", keys=r"\d+\..+"),
+    Layout("sdtune", "Hypernetwork (sdtune)", keys=CANONICAL_KEY.pattern.strip("^$"), clients=SAFETENSORS_CLIENTS),
+    Layout("a1111", "Hypernetwork (A1111 layout)", ".pt", keys=r"\d+\..+", clients=PT_CLIENTS),
 )
 
 

@@ -9,8 +9,9 @@ paths as the live model names them, and per module the parameters of one algorit
 - LoKr: `lokr_w1` or `lokr_w1_a` + `lokr_w1_b`, `lokr_w2` or `lokr_w2_a` + `lokr_w2_b` (+ `lokr_t2`);
 - any of them: `alpha` (0-dim) and DoRA's magnitude `dora_scale`, whose shape records its axis: [out, 1, ...]
   one magnitude per output feature (peft's, what sdtune trains), [1, in, ...] one per input feature.
-LoHa/LoKr names and shapes are LyCORIS's kohya suffixes, which peft's LoHa/LoKr layers share. Tensors are
-passed through untouched, so conversions are bit-exact.
+sdtune's file layout is this state with text-encoder modules spelled as files spell them (`text_model.`), whatever
+the installed transformers calls them. LoHa/LoKr names and shapes are LyCORIS's kohya suffixes, which peft's
+LoHa/LoKr layers share. Tensors are passed through untouched, so conversions are bit-exact.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 
 from ..errors import SdtuneError
 from . import Layout, matching_layout
+from .lora_clients import DIFFUSERS_CLIENTS, KOHYA_CLIENTS, SDTUNE_CLIENTS
 from .ldm_names import diffusers_to_ldm_unet_names, ldm_to_diffusers_unet_names
 from .lycoris import (CANONICAL_PARAMS, KOHYA_PARAMS, MAGNITUDE, UNSUPPORTED_SUFFIXES, algorithm, check_module,
                       input_width, param_of, rank, update_shape)
@@ -38,12 +40,15 @@ KOHYA_PREFIXES: dict[str, tuple[str, ...]] = {
 }
 SDXL_TE_PREFIX: dict[str, str] = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 _PEFT_KEY = rf"({'|'.join(COMPONENTS)})\.(.*\.)?"  # a component, then the module path (peft's key names)
+
 # The file layouts, in sniffing order (a diffusers file has no `.alpha` keys, an sdtune file has them).
 LAYOUTS: tuple[Layout, ...] = (
     Layout("kohya", "LoRA (kohya / A1111 / ComfyUI)",
-           keys=rf"({'|'.join(p for prefixes in KOHYA_PREFIXES.values() for p in prefixes)}).*"),
-    Layout("diffusers", "LoRA (diffusers / PEFT)", keys=_PEFT_KEY + rf"(lora_[AB]\.weight|{MAGNITUDE}(\.weight)?)"),
-    Layout("sdtune", "LoRA (sdtune)", keys=_PEFT_KEY + f"({'|'.join(map(re.escape, KOHYA_PARAMS))})"),
+           keys=rf"({'|'.join(p for prefixes in KOHYA_PREFIXES.values() for p in prefixes)}).*", clients=KOHYA_CLIENTS),
+    Layout("diffusers", "LoRA (diffusers / PEFT)", keys=_PEFT_KEY + rf"(lora_[AB]\.weight|{MAGNITUDE}(\.weight)?)",
+           clients=DIFFUSERS_CLIENTS),
+    Layout("sdtune", "LoRA (sdtune)", keys=_PEFT_KEY + f"({'|'.join(map(re.escape, KOHYA_PARAMS))})",
+           clients=SDTUNE_CLIENTS),
 )
 # transformers >= 5 flattens CLIPTextModel (no `text_model.`); files always carry the prefix.
 CLIP_FILE_PREFIX = "text_model."
@@ -72,6 +77,17 @@ def file_path(component: str, path: str) -> str:
     if component != "unet" and path.startswith(_CLIP_FLAT_ROOTS):
         return CLIP_FILE_PREFIX + path
     return path
+
+
+def live_path(path: str, live: set[str] | None) -> str | None:
+    """A file's module path as the live model names it (adds or drops `text_model.` for text encoders): None
+    when the model has no such module, the path itself when `live` is None (nothing to check against)."""
+    if live is None or path in live:
+        return path
+    for candidate in (path.removeprefix(CLIP_FILE_PREFIX), CLIP_FILE_PREFIX + path):
+        if candidate in live:
+            return candidate
+    return None
 
 
 def group_modules(state: Mapping[str, torch.Tensor], name: str = "LoRA") -> Modules:
@@ -122,6 +138,28 @@ def network_fields(modules: Modules) -> dict[str, str]:
     if any("dora_scale" in p for p in modules.values()):
         args["dora_wd"] = "True"
     return {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps(args, sort_keys=True)}
+
+
+# ---------------------------------------------------------------------------------------------- sdtune
+
+
+def to_sdtune(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Canonical state -> sdtune's file layout: the same keys with text-encoder modules spelled as files spell
+    them (`text_model.`), so a file does not depend on the transformers version that wrote it."""
+    modules = group_modules(state)
+    return {f"{c}.{file_path(c, p)}.{param}": t for (c, p), params in modules.items() for param, t in params.items()}
+
+
+def from_sdtune(sd: Mapping[str, torch.Tensor], module_paths: Mapping[str, Iterable[str]],
+                name: str = "LoRA") -> dict[str, torch.Tensor]:
+    """sdtune-layout keys (text encoders with or without `text_model.`: earlier sdtune wrote the live names,
+    which differ between transformers 4.x and 5) -> canonical state spelled as the live model names its modules; a
+    module the model lacks keeps its name, for the applying code to refuse by name."""
+    live = {c: set(p) for c, p in module_paths.items()}
+    modules: Modules = {}
+    for (component, path), params in group_modules(sd, name).items():
+        modules[(component, live_path(path, live.get(component)) or path)] = params
+    return ungroup_modules(modules)
 
 
 def is_sdxl_unet(unet_config: Mapping[str, Any] | None) -> bool:

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from ..errors import SdtuneError
-from .lora import (CLIP_FILE_PREFIX, COMPONENTS, Modules, file_path, group_modules, module_alpha, module_rank,
-                   not_in_model, ungroup_modules)
+from .lora import (CLIP_FILE_PREFIX, COMPONENTS, Modules, file_path, group_modules, live_path, module_alpha,
+                   module_rank, not_in_model, ungroup_modules)
 from .lora_header import LORA_ADAPTER_METADATA_KEY, checked_adapter_header
 from .lycoris import MAGNITUDE, algorithm, dora_axis, param_of
 
@@ -122,16 +122,6 @@ def _adapter_configs(metadata: Mapping[str, str] | None) -> dict[str, dict[str, 
     return configs
 
 
-def _live_path(path: str, live: set[str] | None) -> str | None:
-    """The module path as the live model names it (adds/drops `text_model.` for text encoders), or None."""
-    if live is None or path in live:
-        return path
-    for candidate in (path.removeprefix(CLIP_FILE_PREFIX), CLIP_FILE_PREFIX + path):
-        if candidate in live:
-            return candidate
-    return None
-
-
 def _canonical_params(params: dict[str, torch.Tensor], cfg: Mapping[str, Any], path: str) -> None:
     """Alpha from the adapter config (rank where it has none), DoRA's magnitude as a [out, 1, ...] dora_scale."""
     magnitude = params.pop(MAGNITUDE, None)
@@ -163,7 +153,7 @@ def from_diffusers(
             raise SdtuneError(f"LoRA key {key!r} is not a diffusers PEFT key (<component>.<module>.lora_A/B.weight).")
         if module_paths is not None and component not in live:
             raise not_in_model(key, sd, metadata)
-        path = _live_path(rest[: -len(param) - 1], live.get(component))
+        path = live_path(rest[: -len(param) - 1], live.get(component))
         if path is None:
             raise not_in_model(key, sd, metadata)
         param = MAGNITUDE if param.startswith(MAGNITUDE) else param  # either spelling of DoRA's magnitude

@@ -151,6 +151,12 @@ class Method(abc.ABC):
         return []
 
     @classmethod
+    def client_layers(cls, shapes: list[tuple[str, tuple[int, ...]]], metadata: dict[str, str]) -> list[str]:
+        """A line per part of one of its files that a client may load or leave out, which its layouts' client
+        rules (Layout.clients) match; by default the file is one part, "file"."""
+        return ["file"]
+
+    @classmethod
     def prompt_words(cls, path: Path) -> list[str]:
         """The words a prompt writes to apply this file (found_by_name methods; [] when it is none of theirs)."""
         return []
@@ -274,6 +280,17 @@ def prompt_syntax() -> str:
 def layout_of(cls, name: str) -> Layout | None:
     """The written layout `name` of method `cls` (None: it writes no such layout)."""
     return next((layout for layout in cls.layouts if layout.written and layout.name == name), None)
+
+
+def loads_in(cls, layout_name: str, shapes: list[tuple[str, tuple[int, ...]]], metadata: dict[str, str]) -> list:
+    """How each client loads a file of method `cls` in layout `layout_name` with these tensor names and shapes:
+    a formats.clients.Verdict per client ([] when the layout declares no client rules)."""
+    from ..formats.clients import verdicts
+
+    layout = next((lay for lay in cls.layouts if lay.name == layout_name), None)
+    if layout is None or not layout.clients:
+        return []
+    return verdicts(layout.clients, cls.client_layers(shapes, metadata))
 
 
 def conversion_targets() -> tuple[str, ...]:

@@ -19,6 +19,7 @@ import torch
 from ..config import opt
 from ..errors import SdtuneError
 from ..formats import Layout
+from ..formats.clients import CLIENTS, FULLY
 from . import CompareRow, Method
 
 SAVE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -49,9 +50,14 @@ class DreamBooth(Method):
     label = "DreamBooth"
     config_class = DreamBoothConfig
     default_lr = 5e-6
-    # Both are written by every run, and known by their run card (a checkpoint's keys say only that it is a model).
+    # Both are written by every run. The single file is known by its run card (its keys say only that it is a
+    # model) and loads wherever a checkpoint does: A1111's and Forge's models/Stable-diffusion, ComfyUI's
+    # checkpoints, kohya's --pretrained_model_name_or_path, diffusers' from_single_file.
     layouts = (Layout("diffusers", "diffusers pipeline folder", suffix="/"),
-               Layout("checkpoint", "Stable Diffusion checkpoint (LDM single-file layout)"))
+               Layout("checkpoint", "Stable Diffusion checkpoint (A1111 / LDM single-file layout)",
+                      keys=r"(model\.diffusion_model|first_stage_model|cond_stage_model|conditioner)\..+",
+                      card_only=True,
+                      clients=tuple((client, FULLY) for client in CLIENTS)))
     saves_frozen_weights = True  # the artifact is the whole model: keep frozen parts exact
     shardable = True  # billions of trained values (SDXL): worth splitting across processes
     # builtin: measured on the builtin model (BENCHMARKS.md). With the prior, 5e-4 (the no-prior rate) wore the
@@ -171,6 +177,31 @@ def save_pipeline_folder(model, folder: Path, card: dict[str, str], dtype: torch
                 save_file(cast, weights_file, metadata={"format": "pt"})
         (tmp / RUN_CARD_FILE).write_text(json.dumps(card, indent=1, sort_keys=True))
     return folder
+
+
+def load_single_file(path: Path, dtype: torch.dtype | None = None):
+    """A DreamBooth single file as a model: the base its run card names (builtin, tiny:*, a local folder or file)
+    given the file's weights, so it loads with no --model-config. None when the file is no DreamBooth file or its
+    base does not load here; the caller then loads it as any checkpoint."""
+    from safetensors import SafetensorError, safe_open
+
+    from ..artifacts import load_artifact
+    from ..formats.checkpoint import load_checkpoint
+    from ..model import base_model_from_card, load
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:  # the header only: the card decides
+            card = dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError):
+        return None  # not a safetensors file: the checkpoint loader says what is wrong with it
+    base = base_model_from_card(card) if card.get("method") == DreamBooth.name else None
+    if base is None or Path(base).expanduser().resolve() == Path(path).resolve():
+        return None
+    tensors, _ = load_artifact(path)
+    model = load(base, dtype)
+    load_checkpoint(model, tensors)
+    model.source = str(path)
+    return model
 
 
 def token_problem(tokenizer, token: str, class_word: str = "", extras: dict | None = None) -> str | None:

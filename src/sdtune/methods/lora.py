@@ -239,7 +239,8 @@ class LoRA(Method):
 
     def decode_file(self, model, tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path):
         """A LoRA file in any layout sdtune reads -> canonical state for this model (or a clear refusal)."""
-        from ..formats.lora import check_lora_family, checked_state, detect_lora_format, from_kohya, lora_family_hints
+        from ..formats.lora import (check_lora_family, checked_state, detect_lora_format, from_kohya, from_sdtune,
+                                    lora_family_hints)
         from ..formats.lora_diffusers import from_diffusers
 
         named = isinstance(tensors, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
@@ -252,8 +253,10 @@ class LoRA(Method):
         paths = {c: [n for n, _ in m.named_modules()] for c, m in model.components().items() if c != "vae"}
         if layout == "kohya":
             state = from_kohya(tensors, paths, model.unet.config, metadata)
+        elif layout == "diffusers":
+            state = from_diffusers(tensors, metadata, paths)
         else:
-            state = from_diffusers(tensors, metadata, paths) if layout == "diffusers" else tensors
+            state = from_sdtune(tensors, paths, f"LoRA {path.name}")
         return checked_state(state, f"LoRA {path.name}")
 
     @classmethod
@@ -261,6 +264,12 @@ class LoRA(Method):
         from ..lora_inspection import summary_lines
 
         return summary_lines(shapes)
+
+    @classmethod
+    def client_layers(cls, shapes: list[tuple[str, tuple[int, ...]]], metadata: dict[str, str]) -> list[str]:
+        from ..lora_inspection import layer_descriptions
+
+        return layer_descriptions(shapes, metadata)
 
     @staticmethod
     def recognises(obj, metadata: dict[str, str]) -> bool:
@@ -292,7 +301,7 @@ class LoRA(Method):
 
 def encode_state(state: dict[str, torch.Tensor], fmt: str, model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Canonical state -> (tensors, extra header metadata) in the requested file layout."""
-    from ..formats.lora import ecosystem_metadata, to_kohya
+    from ..formats.lora import ecosystem_metadata, to_kohya, to_sdtune
     from ..formats.lora_diffusers import to_diffusers
 
     extra = ecosystem_metadata(state, model.family, model.prediction_type)
@@ -301,7 +310,7 @@ def encode_state(state: dict[str, torch.Tensor], fmt: str, model) -> tuple[dict[
     if fmt == "diffusers":
         tensors, metadata = to_diffusers(state)
         return tensors, {**extra, **metadata}
-    return state, extra
+    return to_sdtune(state), extra
 
 
 def _peft_holds(state: dict[str, torch.Tensor]) -> bool:

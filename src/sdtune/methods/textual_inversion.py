@@ -17,8 +17,8 @@ import torch
 
 from ..config import opt
 from ..errors import SdtuneError
-from ..formats.embeddings import (LAYOUT_NAMES, LAYOUTS, SDXL_KEYS, SUFFIX, Embedding, detect, file_names,
-                                  read_embedding, write_embedding)
+from ..formats.embeddings import (COMPONENT_OF_KEY, LAYOUT_NAMES, LAYOUTS, SDXL_KEYS, SUFFIX, Embedding, detect,
+                                  file_names, read_embedding, write_embedding)
 from . import CompareRow, Method
 
 # Prompt templates by learnable property, in plain words; {token} is the new word.
@@ -305,6 +305,12 @@ class TextualInversion(Method):
     @classmethod
     def prompt_words(cls, path: Path) -> list[str]:
         return file_names(path)
+
+    @classmethod
+    def client_layers(cls, shapes: list[tuple[str, tuple[int, ...]]], metadata: dict[str, str]) -> list[str]:
+        """The file is one embedding; an SDXL one holds a vector set per text encoder (clip_l, clip_g)."""
+        sdxl = any(key.split(".")[-1] in COMPONENT_OF_KEY for key, _ in shapes)
+        return ["embedding sdxl" if sdxl else "embedding"]
 
     @classmethod
     def recognises(cls, obj, metadata: dict[str, str]) -> bool:
