@@ -11,7 +11,6 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from sdtune.cli import main
-from sdtune.errors import SdtuneError
 from sdtune.formats.checkpoint import to_checkpoint
 from sdtune.model import SDModel, build_modules, load, make_scheduler
 from sdtune.single_file import V_TEST_KEY, prediction_type

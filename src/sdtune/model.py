@@ -294,5 +294,5 @@ FAMILY_ARCHITECTURE = {"sd1": "random:sd15", "sd2": "random:sd2", "sdxl": "rando
 def architecture(family: str) -> SDModel:
     """The standard full-size architecture of a family, on the meta device (names and shapes only)."""
     if family not in FAMILY_ARCHITECTURE:
-        raise SdtuneError(f"Cannot tell which model family this file is for; pass --model with its base model.")
+        raise SdtuneError("Cannot tell which model family this file is for; pass --model with its base model.")
     return build_from_config(FAMILY_ARCHITECTURE[family], device="meta")
