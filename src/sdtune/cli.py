@@ -12,6 +12,7 @@ from typing import NoReturn
 from . import __version__
 from .config import GENERATE_STEPS, DataConfig, TrainConfig, build, load_config_file
 from .errors import SdtuneError
+from .flags import add_dataclass_args, flag_values
 from .formats.clients import CLIENTS
 from .progress import quiet_libraries
 
@@ -79,9 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--name", help="artifact name (default: the token, made file-name safe)")
         p.add_argument("--config", help="YAML or TOML file with data/train/<method> sections; flags override it")
         p.add_argument("--quiet", action="store_true", help="no progress and no hints: only the written paths")
-        _add_dataclass_args(p, DataConfig)
-        _add_dataclass_args(p, TrainConfig)
-        _add_dataclass_args(p, method_cls.config_class)
+        add_dataclass_args(p, DataConfig)
+        add_dataclass_args(p, TrainConfig)
+        add_dataclass_args(p, method_cls.config_class)
         p.set_defaults(handler=cmd_train, method=method)
 
     gen = sub.add_parser("generate", help="generate images, with artifacts named in the prompt")
@@ -209,32 +210,6 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-config", help="local diffusers folder giving a single-file checkpoint's architecture")
 
 
-def _add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
-    """One flag per config field; default None so only flags actually given override the config file."""
-    for f in dataclasses.fields(cls):
-        flag = "--" + (f.metadata.get("flag") or f.name.replace("_", "-"))
-        kind = type(f.default)
-        if kind is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=_field_help(f))
-        else:
-            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=_field_help(f),
-                                metavar=f.name.upper())
-
-
-def _field_help(f: dataclasses.Field) -> str:
-    """A setting's help with its allowed values and default (the parser's own default is None, so that only
-    flags actually given override a config file)."""
-    choices = f.metadata.get("choices")
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    shown = "off" if default is False else "on" if default is True else "''" if default == "" else default
-    parts = [f.metadata.get("help") or ""]
-    if choices:
-        parts.append(f"one of: {', '.join(map(str, choices))}")
-    parts.append(f"default: {shown}")
-    return "; ".join(p for p in parts if p).replace("%", "%%")
-
-
 def _builtin_defaults_text(method: str) -> str:
     from .compare.recipes import describe_defaults, training_defaults
 
@@ -247,15 +222,6 @@ def _builtin_defaults_text(method: str) -> str:
     return (f"With --model builtin (the default) the defaults are the builtin model's recipe, the one `sdtune "
             f"compare` measured: {describe_defaults(training_defaults('builtin', method))}.{picked} "
             "The defaults shown above are for real Stable Diffusion models.").replace("%", "%%")
-
-
-def _section(args: argparse.Namespace, cls, file_values: dict) -> dict:
-    values = dict(file_values)
-    for f in dataclasses.fields(cls):
-        given = getattr(args, f.name, None)
-        if given is not None:
-            values[f.name] = given
-    return values
 
 
 def default_name(token: str) -> str:
@@ -288,12 +254,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     # The model's recipe, then the config file, then the flags (each overrides the one before); the method
     # settings given pick the recipe (`--algo loha` gets the loha row's).
     config = load_config_file(args.config) if args.config else {}
-    chosen = _section(args, method_cls.config_class, config.get(args.method, {}))
+    chosen = flag_values(args, method_cls.config_class, config.get(args.method, {}))
     file_values = merge(training_defaults(args.model, args.method, chosen), config)
-    data_cfg = build(DataConfig, _section(args, DataConfig, file_values.get("data", {})), "data")
-    train_cfg = _capped(build(TrainConfig, _section(args, TrainConfig, file_values.get("train", {})), "train"))
+    data_cfg = build(DataConfig, flag_values(args, DataConfig, file_values.get("data", {})), "data")
+    train_cfg = _capped(build(TrainConfig, flag_values(args, TrainConfig, file_values.get("train", {})), "train"))
     method_cfg = build(method_cls.config_class,
-                       _section(args, method_cls.config_class, file_values.get(args.method, {})), args.method)
+                       flag_values(args, method_cls.config_class, file_values.get(args.method, {})), args.method)
     method, name = method_cls(method_cfg), args.name or default_name(data_cfg.token)  # the settings, once
     outputs.plan(args.output, name, method.output_files(name, None), train_cfg.log_dir)  # before the model loads
     from .data import load_image_folder
