@@ -192,3 +192,31 @@ def test_a_row_with_its_own_class_images_keeps_them(tmp_path):
     assert jobs["own"]["data"]["class_images"] == str(tmp_path / "mine")
     assert jobs["shared"]["data"]["class_images"] == str(tmp_path / "class_images")
     assert jobs["class-images"]["data"]["class_images"] == str(tmp_path / "class_images")
+
+
+def test_a_terminated_comparison_stops_its_runs_too(tmp_path, subject_dir):
+    """SIGTERM to `sdtune compare` (a scheduler's stop, `kill`) ends it and the runs it started, two at a time,
+    instead of leaving them training with nobody to report to."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    config = tmp_path / "long.yaml"
+    config.write_text("rows: {hypernetwork: {train: {steps: 100000, batch_size: 1}}}\n")
+    compare = subprocess.Popen(
+        [sys.executable, "-m", "sdtune.cli", "compare", "--model", "tiny:sd1", "--images", str(subject_dir),
+         "--class-word", "toy", "--methods", "hypernetwork", "--seeds", "2", "--jobs", "2", "--config", str(config),
+         "--output", str(tmp_path / "out"), "--quiet"], stderr=subprocess.PIPE, text=True)
+    children = Path(f"/proc/{compare.pid}/task")
+    deadline, workers = time.monotonic() + 120, []
+    while len(workers) < 2 or not (tmp_path / "out" / "logs" / "hypernetwork-seed-0.log").is_file():
+        assert compare.poll() is None and time.monotonic() < deadline, compare.stderr.read()
+        workers = [int(pid) for task in children.iterdir() for pid in (task / "children").read_text().split()]
+        time.sleep(0.2)
+    compare.send_signal(signal.SIGTERM)
+    assert compare.wait(timeout=60) != 0
+    time.sleep(2)
+    for pid in workers:  # gone (or a zombie waiting for its reaper)
+        assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z", pid

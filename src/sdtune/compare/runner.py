@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -86,16 +87,34 @@ def run_compare(opts: CompareOptions) -> Path:
     jobs = [job for part in parts for job in make_jobs(part.plan, opts, part.images, out, part.name)]
     lanes = Lanes.for_machine(opts.jobs, opts.model)
     board = Board([job_work(job) for job in jobs], opts.progress, lanes=lanes.count)
+    restore = stop_on_sigterm()
     try:
         runs = run_jobs(jobs, out / "logs", board, lanes, opts.fresh)
     finally:
         board.close()
+        restore()
     vae = _ceiling_vae(opts, profile)
     for part in parts:
         part.judge = make_judge(part.plan, opts, part.images, part.subject)
         part.ceiling = part.judge.ceiling(vae, part.plan.evaluation.images_per_prompt) if vae else None
     results = assemble(parts, asdict(opts), runs, out, time.time() - started, lanes)
     return write_report(out, results)
+
+
+def stop_on_sigterm():
+    """Make SIGTERM stop the comparison as Ctrl-C does (its runs' processes stopped with it, not left running);
+    returns what puts the previous handler back (nothing to do where signals cannot be set: not the main
+    thread, e.g. the UI)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    return lambda: signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _subjects(opts: CompareOptions, profile: str) -> list[Subject | None]:
@@ -252,6 +271,7 @@ def run_jobs(jobs: list[dict], logs: Path, board: Board, lanes: Lanes, fresh: bo
     makes = {_class_folder(job): id(job) for job in jobs if job["kind"] == "class-images"}
     finished: set[int] = set()
     pending, running, runs = list(jobs), {}, {}
+    workers: set[subprocess.Popen] = set()  # the running jobs' processes: stopped with the comparison
     with ThreadPoolExecutor(lanes.count) as pool:
         try:
             while pending or running:
@@ -259,14 +279,16 @@ def run_jobs(jobs: list[dict], logs: Path, board: Board, lanes: Lanes, fresh: bo
                          makes.get(needs[id(job)], id(job)) in finished | {id(job)}]
                 for job in ready[:lanes.count - len(running)]:
                     pending.remove(job)
-                    running[pool.submit(run_job, job, logs, board, fresh, lanes.threads)] = job
+                    running[pool.submit(run_job, job, logs, board, fresh, lanes.threads, workers)] = job
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
                     job = running.pop(future)
                     finished.add(id(job))
                     runs[(job["subject"], job["row"], job["seed"])] = future.result()
-        except BaseException:
-            pending.clear()  # start nothing new; each running job's thread kills its own process
+        except BaseException:  # Ctrl-C, SIGTERM (see stop_on_sigterm): start nothing new, stop what runs
+            pending.clear()
+            for process in list(workers):
+                process.kill()
             raise
     return {(job["subject"], job["row"], job["seed"]): runs[(job["subject"], job["row"], job["seed"])]
             for job in jobs}
@@ -277,10 +299,13 @@ def _class_folder(job: dict) -> str:
     return str((job.get("data") or {}).get("class_images") or "")
 
 
-def run_job(job: dict, logs: Path, board: Board, fresh: bool = False, threads: int = 0) -> dict:
+def run_job(job: dict, logs: Path, board: Board, fresh: bool = False, threads: int = 0,
+            workers: set | None = None) -> dict:
     """Run one worker job in a subprocess (or reuse its finished folder); returns its result or {"error"}.
     A reused result says so ("reused": true), so the report does not pass this invocation's time off as
-    the comparison's. `threads`: the CPU threads the run may use (0: torch's default)."""
+    the comparison's. `threads`: the CPU threads the run may use (0: torch's default); `workers`: the set
+    its process is in while it runs."""
+    workers = set() if workers is None else workers
     folder = Path(job["out"])
     key = board.start(job_work(job))
     if not fresh and _finished(folder, job):
@@ -296,6 +321,7 @@ def run_job(job: dict, logs: Path, board: Board, fresh: bool = False, threads: i
     with open(log_path, "w", encoding="utf-8") as log:
         process = subprocess.Popen([sys.executable, "-m", "sdtune.compare.worker"], stdin=subprocess.PIPE,
                                    stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+        workers.add(process)
         try:
             process.stdin.write(json.dumps(job))
             process.stdin.close()
@@ -311,6 +337,8 @@ def run_job(job: dict, logs: Path, board: Board, fresh: bool = False, threads: i
             process.kill()
             process.wait()
             raise
+        finally:
+            workers.discard(process)
     if code == 0 and (folder / "result.json").is_file():
         board.finish(key)
         return json.loads((folder / "result.json").read_text())
