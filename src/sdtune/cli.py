@@ -211,9 +211,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _builtin_defaults_text(method: str) -> str:
-    from .compare.recipes import describe_defaults, training_defaults
-
     from . import methods
+    from .compare.recipes import describe_defaults, training_defaults
 
     cls = methods.get(method)
     rows = ", ".join(row.name for row in methods.rows_of(cls))

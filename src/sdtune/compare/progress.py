@@ -125,7 +125,7 @@ class Board:
         """Begin a job (its start-up is timed until the worker's "ready" event); returns its key."""
         with self._lock:
             self._index += 1
-            self._running[self._index] = _Running(work, self._index, self._clock())
+            self._running[self._index] = _Running(work, self._clock())
             self._show(self._index, note or "starting")
             return self._index
 
@@ -190,7 +190,7 @@ class Board:
         now = self._clock()
         elapsed, left = now - self._started, self.eta()
         others = len(self._running) - 1
-        text = f"[{job.index}/{self._count}] {job.work.label}: {what}" + (f" (+{others} running)" if others else "")
+        text = f"[{key}/{self._count}] {job.work.label}: {what}" + (f" (+{others} running)" if others else "")
         timing = f"elapsed {duration(elapsed)}, ETA {duration(left) if left is not None else '?'}"
         if self._bar is not None:
             self._bar.n = round(1000 * elapsed / (elapsed + left)) if left is not None and elapsed + left else 0
@@ -209,9 +209,9 @@ class Board:
 
 @dataclass
 class _Running:
-    """A started job: its work, start number, units done so far and when its last progress was credited."""
+    """A started job (its key is its start number): its work, units done so far and when its last progress
+    was credited."""
 
     work: JobWork
-    index: int
     mark: float
     done: dict[str, float] = field(default_factory=dict)

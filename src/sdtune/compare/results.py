@@ -170,7 +170,7 @@ def _spread(values: list) -> dict | None:
 
 
 def machine(lanes=None) -> dict:
-    """What ran the comparison: CPU, cores, runs at once and threads per run (`lanes`, runner.Lanes; default
+    """What ran the comparison: CPU, cores, runs at once and threads per run (`lanes`, scheduling.Lanes; default
     one run on torch's threads), memory and the accelerator if any."""
     import torch
 
