@@ -12,7 +12,7 @@ import pytest
 from sdtune.cli import main
 from sdtune.compare.judge import Samples, ToyJudge
 from sdtune.compare.runner import CompareOptions, _part
-from sdtune.compare.sampling import fill, sample
+from sdtune.compare.sampling import fill, load_samples, sample
 from sdtune.toyworld import subject as first_subject
 from sdtune.toyworld.catalogue import get_subject
 from sdtune.toyworld.metrics import bootstrap_mean, stratified_mean
@@ -63,6 +63,20 @@ def test_each_subject_has_its_rows_per_prompt_type_with_floor_and_ceiling(two_su
         assert all(c["subject_fidelity"]["value"] > 0.5 and c["prompt_fidelity"]["value"] >= 0.9
                    for c in ceiling.values()), ceiling
     assert "held_out_class" in zebra["ceiling"]["quality_by_type"]
+
+
+def test_ceiling_images_are_kept_and_score_what_results_json_says(two_subjects):
+    """The image grids' ceiling row shows the very images the ceiling's numbers were measured on."""
+    out, results = two_subjects
+    for part in results["subjects"]:
+        kept = load_samples(out / part["ceiling"]["samples"])
+        subj = get_subject(part["name"])
+        judge = ToyJudge(subj, part["evaluation"]["prompts"], [])
+        per_prompt = part["evaluation"]["images_per_prompt"]
+        assert len(kept["subject"]) == len(part["evaluation"]["prompts"]) * per_prompt
+        scores = judge.score([Samples(0, kept["subject"], kept["subject_prompt"], kept["class_images"],
+                                      kept["class_prompt"])])
+        assert round(scores["subject_fidelity"].value, 4) == part["ceiling"]["quality"]["subject_fidelity"]["value"]
 
 
 def test_rows_pooled_over_subjects_weigh_each_subject_the_same(two_subjects):

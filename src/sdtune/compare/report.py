@@ -157,7 +157,8 @@ def _subjects_text(results: dict, words: str) -> str:
 
 def _reused(results: dict) -> str:
     reused = results.get("runs_reused", 0)
-    return f" ({reused} of {results['runs']} runs reused from an earlier invocation)" if reused else ""
+    return (f" ({reused} of {results['runs']} runs reused from an earlier invocation; their times are those "
+            "measured when they ran, on whatever else that machine was doing then)") if reused else ""
 
 
 def _estimate(est: dict | None) -> str:
@@ -194,7 +195,8 @@ def _type_tables(results: dict, parts: list[dict]) -> list[Block]:
     blocks: list[Block] = [Heading(2, "Per prompt type")]
     blocks.append(Paragraph(
         "Subject fidelity by what the evaluation prompt changes from the training captions: one new background, "
-        "position or size (the headline, as in DreamBench), two at once (the hard column), nothing (the captions "
+        "position or size (the headline, as in DreamBench; a size only where it is not part of the subject, so never "
+        "for a subject of one's own), two at once (the hard column), nothing (the captions "
         "themselves; the identifier alone) and, for a style, classes its images never show. Prompt fidelity "
         "and prior preservation as in the first table. Values [95% interval]; pooled values weigh each subject "
         "that has the prompt type the same."))
@@ -332,11 +334,17 @@ def _subject_grids(results: dict, part: dict, out: Path, named: bool) -> list[Bl
              "class": list(range(len(evaluation["class_prompts"])))}
     samples = [load_samples(out / r["samples"]) for r in rows]
     names = [r["name"] for r in rows]
+    ceiling = (part.get("ceiling") or {}).get("samples")
+    if ceiling and (out / ceiling).is_file():  # the subject prompts' last row: what a perfect method would show
+        ceiling_rows = ([load_samples(out / ceiling)], ["ceiling"])
+    else:
+        ceiling_rows = ([], [])
     blocks: list[Block] = []
     for (kind, images_key, index_key, _), (_, title) in zip(GRIDS, titles):
         prompts = evaluation["prompts" if kind == "subject" else "class_prompts"]
-        cells = [[_cell(s[images_key], s[index_key], j) for j in shown[kind]] for s in samples]
-        chart = plots.image_grid(title, names, [prompts[j] for j in shown[kind]], cells)
+        extra_samples, extra_names = ceiling_rows if kind == "subject" else ([], [])
+        cells = [[_cell(s[images_key], s[index_key], j) for j in shown[kind]] for s in samples + extra_samples]
+        chart = plots.image_grid(title, names + extra_names, [prompts[j] for j in shown[kind]], cells)
         blocks.append(Figure(title, f"charts/grid_{kind}{suffix}.png", chart))
     return blocks
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import __version__
 from .judge import Samples, ToyJudge
-from .sampling import fill, load_samples
+from .sampling import fill, load_samples, save_samples
 
 COSTS = ("wall_time_s", "peak_memory_bytes", "trainable_params", "artifact_bytes")
 LIBRARIES = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "numpy", "matplotlib")
@@ -69,8 +69,18 @@ def _subject_entry(part, runs: dict, seeds: list[int], out: Path, pool: bool) ->
         evaluation["prompt_types"] = judge.types
     if part.ceiling:
         entry["ceiling"] = {"quality": _estimates(judge.score(part.ceiling)),
-                            "quality_by_type": _by_type(judge.by_type(part.ceiling))}
+                            "quality_by_type": _by_type(judge.by_type(part.ceiling)),
+                            "samples": _save_ceiling(part.ceiling, out, part.root)}
     return entry, [evidence for _, evidence in made]
+
+
+def _save_ceiling(ceiling: list[Samples], out: Path, root: str) -> str:
+    """The ceiling's images beside the subject's runs (the image grids show them as their last row); returns
+    their path relative to the comparison folder."""
+    first = ceiling[0]
+    path = save_samples(out / root / "ceiling.npz", (first.subject, first.subject_prompt),
+                        (first.class_images, first.class_prompt))
+    return str(path.relative_to(out))
 
 
 def _row(row, seed_runs: list[dict], judge, out: Path, shared: dict, root: str = "", pool: bool = False):
