@@ -19,7 +19,8 @@ class FakeClock:
 
 
 # A default builtin comparison's shape, with the per-unit costs its committed run measured on this CPU
-# (docs/compare/results.json: seconds per training sample by method; sampling from the rest of its 11 min):
+# (the one-subject run committed in docs/compare before the four-subject benchmark: seconds per training sample
+# by method; sampling from the rest of its 11 min):
 # a training sample costs 4-8x a denoising step here, not the 1.5x that 3 passes against 2 would say.
 START_S, STEP_S, CLASS_S = 5.0, 0.0115, 0.0115
 ROWS = [("base", None, 0, 0.0), ("dreambooth", "dreambooth", 450, 0.080),
