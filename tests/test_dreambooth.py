@@ -10,7 +10,8 @@ from conftest import make_subject_images
 from sdtune.config import DataConfig, TrainConfig
 from sdtune.methods.dreambooth import DreamBooth, DreamBoothConfig, token_problem
 from sdtune.model import load
-from sdtune.train import _make_optimizer, _micro_batch_loss, train
+from sdtune.optimization import make_optimizer
+from sdtune.train import _micro_batch_loss, train
 from sdtune.trainset import build_training_set
 from sdtune.unet_runner import UNetRunner
 
@@ -139,7 +140,7 @@ def test_text_encoder_trains_with_its_own_lr_and_stops_after_its_steps(subject_d
 
 def test_group_learning_rates_scale_with_the_base_rate():
     a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
-    optimizer, _ = _make_optimizer([{"params": [a]}, {"params": [b], "lr": 1e-3}], 4,
+    optimizer, _ = make_optimizer([{"params": [a]}, {"params": [b], "lr": 1e-3}], 4,
                                    TrainConfig(lr=1e-4, steps=2), torch.device("cpu"))
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([4e-4, 4e-3])
 

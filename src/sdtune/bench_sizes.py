@@ -38,13 +38,13 @@ def _set_up(spec: str, method_name: str):
     from .bench import DEFAULT_TOKEN
     from .config import DataConfig
     from .model import build_from_config
-    from .train import _as_param_groups
+    from .optimization import as_param_groups
 
     model = build_from_config(spec, device="meta")
     method_cls = methods.get(method_name)
     method = method_cls()
     method.check_data(model, DataConfig(token=method_cls.token_template.format(token=DEFAULT_TOKEN), class_word="dog"))
-    return model, method, [p for group in _as_param_groups(method.setup(model)) for p in group["params"]]
+    return model, method, [p for group in as_param_groups(method.setup(model)) for p in group["params"]]
 
 
 def method_size(spec: str, method_name: str, out_dir: Path) -> dict:

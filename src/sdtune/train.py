@@ -28,7 +28,7 @@ from .loss import combine, draw_noise, min_snr_weights, per_sample_mse, training
 from .runtime import is_main_process, make_accelerator, peak_memory_bytes
 from .trainset import TrainingSet, build_training_set
 from .unet_runner import UNetRunner
-from . import checkpoints, class_images, faults, outputs, parallel, speed, validation_loss
+from . import checkpoints, class_images, faults, optimization, outputs, parallel, speed, validation_loss
 
 
 @dataclass
@@ -83,7 +83,7 @@ def _train(model, method, train_cfg: TrainConfig, data_cfg: DataConfig, out_dir:
     class_records = _class_images(model, data_cfg, train_cfg, out_dir, accelerator, progress)
     torch.manual_seed(train_cfg.seed)
     method.check_data(model, data_cfg)  # method-specific warnings about the data (e.g. a common token)
-    param_groups = _as_param_groups(method.setup(model))
+    param_groups = optimization.as_param_groups(method.setup(model))
     params = [p for group in param_groups for p in group["params"]]
     for param in params:
         param.data = param.data.float()  # trainable values always in fp32
@@ -115,12 +115,12 @@ def _train(model, method, train_cfg: TrainConfig, data_cfg: DataConfig, out_dir:
     # 3. Optimizer and schedule; resume restores them with the trained values, the step and the EMA
     #    (an EMA missing from an older checkpoint starts from the weights as they are then).
     lr_scale = global_batch if train_cfg.scale_lr else 1
-    optimizer, lr_schedule = _make_optimizer(param_groups, lr_scale, train_cfg, device)
+    optimizer, lr_schedule = optimization.make_optimizer(param_groups, lr_scale, train_cfg, device)
     optimizer = accelerator.prepare(optimizer)
     start_step, losses, validation_losses = 0, [], []
     if train_cfg.resume:
         start_step, losses = checkpoints.restore(out_dir, train_cfg, method, model, optimizer, lr_schedule, engine)
-    ema = _ema(params, train_cfg.ema_decay, start_step)
+    ema = optimization.ema(params, train_cfg.ema_decay, start_step)
     if ema is not None and start_step:
         checkpoints.restore_ema(out_dir, train_cfg.resume, ema)
 
@@ -138,7 +138,7 @@ def _train(model, method, train_cfg: TrainConfig, data_cfg: DataConfig, out_dir:
     logger = _tensorboard(out_dir, train_cfg, accelerator.is_main_process)
     state_bytes = 0  # this run's largest per-process share of trained values, gradients and optimizer state
     for step in range(start_step, train_cfg.steps):
-        _freeze_finished_groups(stops, step)
+        optimization.freeze_finished_groups(stops, step)
         torch.manual_seed((train_cfg.seed * 100_003 + step) % 2**64)  # dropout etc. replay after a resume
         step_loss = torch.zeros((), device=device)
         for micro in range(train_cfg.grad_accum):
@@ -266,13 +266,6 @@ def timestep_range(cfg: TrainConfig, count: int) -> tuple[int, int]:
     return low, high
 
 
-def _as_param_groups(trainable) -> list[dict]:
-    """Methods return parameters or optimizer param groups; the loop always works with groups."""
-    trainable = list(trainable)
-    if trainable and isinstance(trainable[0], dict):
-        return trainable
-    return [{"params": trainable}]
-
 
 def _store_frozen_weights(model, dtype: torch.dtype) -> None:
     """Frozen weights (VAE aside) in the mixed-precision dtype, to save memory; trained ones stay fp32."""
@@ -283,24 +276,6 @@ def _store_frozen_weights(model, dtype: torch.dtype) -> None:
                     param.data = param.data.to(dtype)
 
 
-def _freeze_finished_groups(stops: list[tuple[int, list]], step: int) -> None:
-    """Param groups past their `stop_after` step train no more: no gradient, so the optimizer skips them."""
-    for stop_after, group_params in stops:
-        if step >= stop_after:
-            for param in group_params:
-                param.requires_grad_(False)
-                param.grad = None
-
-
-def _ema(params: list, decay: float, start_step: int):
-    """diffusers' EMA of the trained weights (its decay warms up from 0), or None when disabled."""
-    if not decay:
-        return None
-    from diffusers.training_utils import EMAModel
-
-    ema = EMAModel(params, decay=decay)
-    ema.optimization_step = start_step  # a resumed run continues the warm-up where it was
-    return ema
 
 
 def _class_images(model, data_cfg: DataConfig, train_cfg: TrainConfig, out_dir: Path, accelerator, progress: bool):
@@ -312,36 +287,6 @@ def _class_images(model, data_cfg: DataConfig, train_cfg: TrainConfig, out_dir: 
         return class_images.prepare(model, data_cfg, out_dir / "class_images", progress and accelerator.is_main_process)
 
 
-def _group_with_lr(group: dict, base_lr: float, lr_scale: float) -> dict:
-    """A group's own lr ("lr", else the base lr, times "lr_factor") scaled like the base lr."""
-    group = dict(group)
-    factor = group.pop("lr_factor", 1.0)
-    if "lr" in group or factor != 1.0:
-        group["lr"] = group.get("lr", base_lr) * factor * lr_scale
-    return group
-
-
-def _make_optimizer(param_groups: list[dict], lr_scale: float, cfg: TrainConfig, device):
-    """AdamW (8-bit on request) over the groups; a group's own lr is scaled like the base lr."""
-    from diffusers.optimization import get_scheduler
-
-    if not any(group["params"] for group in param_groups):
-        raise SdtuneError("The method has nothing to train; check its settings.")
-    param_groups = [_group_with_lr(group, cfg.lr, lr_scale) for group in param_groups]
-    optimizer_cls = torch.optim.AdamW
-    if cfg.use_8bit_adam:
-        if device.type != "cuda":
-            raise SdtuneError("use_8bit_adam needs a CUDA device; drop it on this machine.")
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise SdtuneError("use_8bit_adam needs bitsandbytes: pip install bitsandbytes.") from None
-        optimizer_cls = bnb.optim.AdamW8bit
-    options = {} if cfg.use_8bit_adam else speed.adam_options(cfg.adam_impl, device.type)  # fused / foreach
-    optimizer = optimizer_cls(param_groups, lr=cfg.lr * lr_scale, weight_decay=cfg.weight_decay, **options)
-    schedule = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
-                             num_training_steps=cfg.steps)
-    return optimizer, schedule
 
 
 def run_card(method, model, train_cfg, data_cfg, wall: float, peak: int,
