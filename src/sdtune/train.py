@@ -266,7 +266,6 @@ def timestep_range(cfg: TrainConfig, count: int) -> tuple[int, int]:
     return low, high
 
 
-
 def _store_frozen_weights(model, dtype: torch.dtype) -> None:
     """Frozen weights (VAE aside) in the mixed-precision dtype, to save memory; trained ones stay fp32."""
     for name, module in model.components().items():
@@ -276,8 +275,6 @@ def _store_frozen_weights(model, dtype: torch.dtype) -> None:
                     param.data = param.data.to(dtype)
 
 
-
-
 def _class_images(model, data_cfg: DataConfig, train_cfg: TrainConfig, out_dir: Path, accelerator, progress: bool):
     """Prior preservation's class images, topped up by the base model when short: the main process first,
     so the other processes find them cached."""
@@ -285,8 +282,6 @@ def _class_images(model, data_cfg: DataConfig, train_cfg: TrainConfig, out_dir: 
         return None
     with accelerator.main_process_first():
         return class_images.prepare(model, data_cfg, out_dir / "class_images", progress and accelerator.is_main_process)
-
-
 
 
 def run_card(method, model, train_cfg, data_cfg, wall: float, peak: int,
